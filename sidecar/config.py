@@ -1,0 +1,178 @@
+"""Configuration: one pydantic-settings class read from ``SIDECAR_*`` environment variables.
+
+:func:`load_settings` turns any validation problem into a one-line :class:`ConfigError` naming the
+variable; secret values are never echoed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from sidecar.errors import ConfigError
+
+ENV_PREFIX = "SIDECAR_"
+DEFAULT_EXTENSIONS = (
+    "png,jpg,jpeg,webp,gif,mp4,webm,mov,mkv,flac,mp3,opus,wav,glb,svg"
+)
+KEY_FIELDS = ("pod_id", "relpath", "filename", "stem", "ext", "date", "md5")
+MIB = 1024 * 1024
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be told. Each field is ``SIDECAR_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # Where files come from and where the journal lives.
+    watch_dir: Path = Path("/workspace/outputs")
+    state_dir: Path = Path("/workspace/.sidecar")
+
+    # Where files go.
+    bucket: str = ""
+    r2_account_id: str = ""
+    endpoint_url: str = ""
+    region: str = "auto"
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    key_template: str = "{pod_id}/{relpath}"
+    pod_id: str = Field(default_factory=lambda: os.environ.get("RUNPOD_POD_ID") or socket.gethostname())
+
+    # What to upload.
+    extensions: CommaList = Field(default_factory=lambda: DEFAULT_EXTENSIONS.split(","))
+    include: CommaList = Field(default_factory=list)
+    exclude: CommaList = Field(default_factory=list)
+
+    # How to upload.
+    workers: int = Field(default=4, ge=1, le=64)
+    multipart_threshold_mb: int = Field(default=64, ge=5, le=5 * 1024)
+    part_size_mb: int = Field(default=16, ge=5, le=5 * 1024)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=200, ge=1)
+    retry_base_s: float = Field(default=1.0, gt=0)
+    retry_cap_s: float = Field(default=300.0, gt=0)
+
+    # When to upload.
+    settle_s: float = Field(default=0.25, ge=0)
+    scan_interval_s: float = Field(default=300.0, gt=0)
+    drain_timeout_s: float = Field(default=4.0, ge=0)
+
+    # How to be seen.
+    http_host: str = "0.0.0.0"  # noqa: S104 - RunPod's proxy reaches the pod's interface; token guards it
+    http_port: int = Field(default=9188, ge=0, le=65535)
+    http_token: SecretStr | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("extensions", "include", "exclude", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise_extensions(cls, value: list[str]) -> list[str]:
+        return [ext.lower().lstrip(".") for ext in value]
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("key_template")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        try:
+            value.format(**dict.fromkeys(KEY_FIELDS, "x"))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"unknown or malformed placeholder {exc}; allowed: {', '.join('{' + f + '}' for f in KEY_FIELDS)}"
+            ) from None
+        if "{relpath}" not in value and "{filename}" not in value and "{md5}" not in value:
+            raise ValueError("must contain {relpath}, {filename} or {md5}, or every file gets the same key")
+        return value
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> Settings:
+        if self.r2_account_id and self.endpoint_url:
+            raise ValueError("set SIDECAR_R2_ACCOUNT_ID or SIDECAR_ENDPOINT_URL, not both")
+        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ValueError("SIDECAR_ENDPOINT_URL must start with http:// or https://")
+        return self
+
+    @property
+    def resolved_endpoint(self) -> str | None:
+        """The S3 endpoint URL: R2's from the account id, the explicit URL, or None for AWS itself."""
+        if self.r2_account_id:
+            return f"https://{self.r2_account_id}.r2.cloudflarestorage.com"
+        return self.endpoint_url or None
+
+    @property
+    def multipart_threshold(self) -> int:
+        return self.multipart_threshold_mb * MIB
+
+    @property
+    def part_size(self) -> int:
+        return self.part_size_mb * MIB
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "journal.sqlite3"
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as plain data, every secret replaced by ``'**********'``."""
+        data: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "**********"
+            elif isinstance(value, Path):
+                value = str(value)
+            data[name] = value
+        return data
+
+    def require_bucket(self) -> None:
+        """Raise :class:`ConfigError` unless a bucket is configured (needed by run, scan and check)."""
+        if not self.bucket:
+            raise ConfigError("SIDECAR_BUCKET: required (the bucket to upload into)")
+
+
+SECRET_FIELDS = frozenset(
+    name for name, field in Settings.model_fields.items() if "SecretStr" in str(field.annotation)
+)
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = [str(part) for part in err.get("loc", ()) if not str(part).isdigit()]
+    name = loc[0] if loc else ""
+    message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not name:
+        return f"configuration: {message}"
+    variable = f"{ENV_PREFIX}{name.upper()}"
+    shown = ""
+    if name not in SECRET_FIELDS and "input" in err and isinstance(err["input"], str | int | float):
+        shown = f" (got {str(err['input'])[:60]!r})"
+    return f"{variable}: {message}{shown}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment (and ``overrides``); raise ConfigError on any problem."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None

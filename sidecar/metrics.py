@@ -1,0 +1,111 @@
+"""Prometheus metrics, all registered on one injected :class:`CollectorRegistry`.
+
+Labels are few and bounded (``source``, ``outcome``, ``error_class``, ``operation``, ``status``); a path or
+key is never a label. Queue gauges are not stored here: :class:`JournalCollector` reads them from the journal
+at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sidecar import __version__
+
+SIZE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+
+class Metrics:
+    """Every metric the daemon exports. One instance per registry (one per test, one per process)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.files_discovered = Counter(
+            "sidecar_files_discovered_total", "Files found ready to upload, by how they were found.",
+            ["source"], registry=registry,
+        )
+        self.files_skipped = Counter(
+            "sidecar_files_skipped_total", "Candidate files not uploaded, by reason.",
+            ["reason"], registry=registry,
+        )
+        self.uploads = Counter(
+            "sidecar_uploads_total", "Finished upload attempts by outcome (success, unchanged, retry, failed).",
+            ["outcome"], registry=registry,
+        )
+        self.retries = Counter(
+            "sidecar_upload_retries_total", "Upload attempts that failed and will be retried, by error class.",
+            ["error_class"], registry=registry,
+        )
+        self.bytes_uploaded = Counter(
+            "sidecar_uploaded_bytes_total", "Bytes committed to the bucket.", registry=registry,
+        )
+        self.upload_duration = Histogram(
+            "sidecar_upload_duration_seconds", "Time spent on one successful upload (read, hash, PUT).",
+            buckets=SIZE_BUCKETS, registry=registry,
+        )
+        self.e2e_latency = Histogram(
+            "sidecar_end_to_end_latency_seconds",
+            "Time from the file's last modification on disk to its object being committed.",
+            buckets=SIZE_BUCKETS, registry=registry,
+        )
+        self.s3_requests = Counter(
+            "sidecar_s3_requests_total", "Requests sent to the object store, by operation and HTTP status.",
+            ["operation", "status"], registry=registry,
+        )
+        self.last_success = Gauge(
+            "sidecar_last_upload_success_timestamp_seconds", "Unix time of the last successful upload.",
+            registry=registry,
+        )
+        self.upload_progress = Gauge(
+            "sidecar_upload_in_progress_bytes", "Bytes sent so far of multipart uploads in flight.",
+            registry=registry,
+        )
+        self.watcher_up = Gauge(
+            "sidecar_watcher_up", "1 when the filesystem watcher is proven to deliver events.", registry=registry,
+        )
+        self.watcher_mode = Gauge(
+            "sidecar_watcher_mode", "1 for the active watcher mode (inotify or polling).", ["mode"],
+            registry=registry,
+        )
+        self.watcher_overflows = Counter(
+            "sidecar_watcher_overflows_total", "Kernel inotify queue overflows seen.", registry=registry,
+        )
+        self.rescans = Counter(
+            "sidecar_rescans_total", "Full reconciliation scans, by trigger.", ["trigger"], registry=registry,
+        )
+        self.scan_duration = Histogram(
+            "sidecar_scan_duration_seconds", "Duration of a full reconciliation scan.",
+            buckets=SIZE_BUCKETS, registry=registry,
+        )
+        self.store_reachable = Gauge(
+            "sidecar_store_reachable", "1 when the last request to the object store got an answer.",
+            registry=registry,
+        )
+        Info("sidecar_build", "Build information.", registry=registry).info({"version": __version__})
+
+
+QueueStats = dict[str, tuple[int, int]]
+
+
+class JournalCollector(Collector):
+    """Queue gauges read from the journal at scrape time: files and bytes per state, oldest pending age."""
+
+    def __init__(self, stats: Callable[[], QueueStats], oldest_pending_age: Callable[[], float]) -> None:
+        self._stats = stats
+        self._oldest = oldest_pending_age
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        files = GaugeMetricFamily("sidecar_queue_files", "Files in the journal by state.", labels=["state"])
+        size = GaugeMetricFamily("sidecar_queue_bytes", "Bytes in the journal by state.", labels=["state"])
+        for state, (count, nbytes) in sorted(self._stats().items()):
+            files.add_metric([state], count)
+            size.add_metric([state], nbytes)
+        yield files
+        yield size
+        yield GaugeMetricFamily(
+            "sidecar_oldest_pending_age_seconds", "Age of the oldest file waiting to be uploaded (0 if none).",
+            value=self._oldest(),
+        )
