@@ -1,0 +1,217 @@
+"""The ``sidecar`` command: run, scan, check, config, status, retry-failed, demo.
+
+Every command turns a :class:`ConfigError` into exit status 2 and one line on stderr, and any other
+:class:`SidecarError` into status 1 and one line — never a traceback, never a secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from sidecar import __version__
+from sidecar.config import Settings, load_settings
+from sidecar.errors import (
+    EXIT_ABORTED,
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    ConfigError,
+    SidecarError,
+    StoreError,
+)
+from sidecar.logs import configure_logging
+
+if TYPE_CHECKING:
+    from sidecar.daemon import Daemon
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar", description="Upload every finished ComfyUI output to Cloudflare R2 / S3, durably."
+    )
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="watch and upload until SIGTERM (the daemon)")
+    sub.add_parser("scan", help="reconcile the tree, upload everything pending, exit 1 if anything failed")
+    sub.add_parser("check", help="validate the configuration and reach the bucket with one cheap request")
+    sub.add_parser("config", help="print the effective configuration as JSON, secrets redacted")
+    sub.add_parser("status", help="print the running daemon's /status")
+    sub.add_parser("retry-failed", help="put every failed file back in the queue")
+    demo = sub.add_parser("demo", help="local S3 server + demo folder + sample images, until Ctrl-C")
+    demo.add_argument("--once", action="store_true", help="exit by itself once the samples are uploaded")
+    demo.add_argument("--dir", default="sidecar-demo", help="demo folder (default ./sidecar-demo)")
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"sidecar: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "run": cmd_run, "scan": cmd_scan, "check": cmd_check, "config": cmd_config, "status": cmd_status,
+        "retry-failed": cmd_retry_failed, "demo": cmd_demo,
+    }
+    try:
+        return commands[args.command](args)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    except SidecarError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return EXIT_ABORTED
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def cmd_config(_: argparse.Namespace) -> int:
+    print(json.dumps(load_settings().redacted(), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def cmd_check(_: argparse.Namespace) -> int:
+    from sidecar.store_s3 import S3Store, make_client  # noqa: PLC0415 - boto3 import only where needed
+
+    settings = load_settings()
+    settings.require_bucket()
+    secrets = [s.get_secret_value() for s in (settings.access_key_id, settings.secret_access_key) if s]
+    store = S3Store(make_client(settings), settings.bucket, secrets=secrets)
+    try:
+        print(f"ok: {store.check()}")
+    except StoreError as exc:
+        return _fail(f"check failed: {exc}", EXIT_FAILURE)
+    return EXIT_OK
+
+
+def cmd_run(_: argparse.Namespace) -> int:
+    settings = _settings()
+    daemon = _build(settings)
+    return run_until_signalled(daemon, settings.drain_timeout_s)
+
+
+def _build(settings: Settings) -> Daemon:
+    from sidecar.daemon import Daemon  # noqa: PLC0415 - keeps `sidecar config` light
+    from sidecar.http import HttpServer  # noqa: PLC0415
+
+    daemon = Daemon(settings)
+    token = settings.http_token.get_secret_value() if settings.http_token else None
+    daemon.http = HttpServer(settings.http_host, settings.http_port, daemon.registry, token=token,
+                             health=daemon.health, ready=daemon.ready, status=daemon.status)
+    return daemon
+
+
+def run_until_signalled(daemon: Daemon, drain_timeout_s: float) -> int:
+    """Start ``daemon``; on the first SIGTERM/SIGINT drain within the budget and exit 0; a second exits now."""
+    stop = threading.Event()
+    received: list[float] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if received:
+            os.write(2, b'{"event": "shutdown_aborted", "level": "warning"}\n')
+            os._exit(EXIT_ABORTED)
+        received.append(time.monotonic())
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGIO, signal.SIG_IGN)  # lease breaks (see localfile.writer_holds) must not kill us
+    daemon.start()
+    while not stop.wait(timeout=3600):
+        pass
+    daemon.stop(deadline=received[0] + drain_timeout_s)
+    daemon.close()
+    sys.stdout.flush()
+    # Worker threads still cut off by the deadline are daemon threads; leave without waiting for them.
+    os._exit(EXIT_OK)
+
+
+def cmd_scan(_: argparse.Namespace) -> int:
+    from sidecar.daemon import Daemon  # noqa: PLC0415
+    from sidecar.journal import FAILED, PENDING, UPLOADING  # noqa: PLC0415
+
+    settings = _settings()
+    daemon = Daemon(settings)
+    daemon.start(watch=False)
+    try:
+        while True:
+            time.sleep(0.05)
+            stats = daemon.journal.stats()
+            due = daemon.journal.next_due_in()
+            busy = stats[UPLOADING][0] or len(daemon.settler) or daemon.uploader.inflight()
+            if not busy and daemon.last_scan and (due is None or due > 0):
+                break
+        stats = daemon.journal.stats()
+    finally:
+        daemon.stop(deadline=time.monotonic() + settings.drain_timeout_s)
+        daemon.close()
+    pending, failed = stats[PENDING][0], stats[FAILED][0]
+    print(json.dumps({"uploaded": stats["uploaded"][0], "pending": pending, "failed": failed}))
+    return EXIT_FAILURE if failed or pending else EXIT_OK
+
+
+def cmd_retry_failed(_: argparse.Namespace) -> int:
+    from sidecar.journal import Journal  # noqa: PLC0415
+
+    settings = load_settings()
+    journal = Journal(settings.journal_path)
+    try:
+        print(f"requeued {journal.requeue_failed()} failed file(s)")
+    finally:
+        journal.close()
+    return EXIT_OK
+
+
+def cmd_status(_: argparse.Namespace) -> int:
+    settings = load_settings()
+    host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::", "") else settings.http_host  # noqa: S104
+    request = urllib.request.Request(f"http://{host}:{settings.http_port}/status")
+    if settings.http_token:
+        request.add_header("Authorization", f"Bearer {settings.http_token.get_secret_value()}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - local daemon
+            data = json.load(response)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return _fail(f"no daemon answering on {host}:{settings.http_port} ({reason})", EXIT_FAILURE)
+    print(render_status(data))
+    return EXIT_OK
+
+
+def render_status(data: dict[str, object]) -> str:
+    """The /status document as a few readable lines."""
+    lines = [f"sidecar {data.get('version')}"]
+    counts = data.get("counts", {})
+    if isinstance(counts, dict):
+        lines.append("  " + "  ".join(f"{state}={c['files']}" for state, c in counts.items()))
+    lines.append(f"  oldest pending: {data.get('oldest_pending_age_s')} s   last key: {data.get('last_uploaded_key')}")
+    watcher = data.get("watcher", {})
+    store = data.get("store", {})
+    lines.append(f"  watcher: {watcher}   store: {store}")
+    failures = data.get("recent_failures", [])
+    if isinstance(failures, list) and failures:
+        lines.append("  recent failures:")
+        lines.extend(f"    {f['path']}: {f['error']}" for f in failures)
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(args.dir, once=args.once)

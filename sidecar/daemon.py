@@ -1,0 +1,277 @@
+"""The composition root: builds every part, wires them together, and owns the lifecycle.
+
+Start order: journal → store → HTTP → uploader → settler → watcher → maintenance (scans, canary).
+Stop in reverse; in-flight uploads get the drain budget, the rest stays pending in the journal.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from sidecar import __version__
+from sidecar.config import Settings
+from sidecar.errors import SidecarError, StoreError
+from sidecar.filters import PathFilter
+from sidecar.health import Canary
+from sidecar.journal import FAILED, PENDING, UPLOADED, Candidate, Journal
+from sidecar.keys import KeyBuilder, path_text
+from sidecar.metrics import JournalCollector, Metrics
+from sidecar.scanner import Scanner
+from sidecar.settle import Settler
+from sidecar.store_s3 import S3Store, make_client
+from sidecar.transfer import Transfer
+from sidecar.uploader import RetryPolicy, Uploader
+from sidecar.watcher import Watcher
+
+log = structlog.get_logger("sidecar.daemon")
+
+CHECK_EVERY_S = 2.0
+EVENT_SOURCES = {"close": "event", "create": "event", "move": "event", "scan": "scan"}
+
+
+class Daemon:
+    """One sidecar: watches ``settings.watch_dir`` and uploads into ``settings.bucket``."""
+
+    def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None) -> None:
+        settings.require_bucket()
+        self.settings = settings
+        self.root = settings.watch_dir
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.journal = Journal(settings.journal_path)
+        self.registry.register(JournalCollector(self.journal.stats, self.journal.oldest_pending_age))
+        secrets = [s.get_secret_value() for s in (settings.access_key_id, settings.secret_access_key) if s]
+        self.store = S3Store(make_client(settings), settings.bucket, secrets=secrets, observer=self._on_request)
+        self.filter = PathFilter(settings.extensions, settings.include, settings.exclude)
+        keys = KeyBuilder(settings.key_template, settings.pod_id)
+        self.settler = Settler(self.root, settle_s=settings.settle_s, on_ready=self._on_ready,
+                               on_skip=lambda reason: self.metrics.files_skipped.labels(reason=reason).inc())
+
+        def transfer_factory(retry: Any, progress: Callable[[int, int], None]) -> Transfer:
+            return Transfer(self.store, self.root, keys, multipart_threshold=settings.multipart_threshold,
+                            part_size=settings.part_size, retry=retry, on_multipart=self.journal.set_upload,
+                            on_progress=progress)
+
+        policy = RetryPolicy(settings.max_attempts, settings.retry_base_s, settings.retry_cap_s)
+        self.uploader = Uploader(self.journal, transfer_factory, workers=settings.workers, policy=policy,
+                                 metrics=self.metrics, settle_s=settings.settle_s)
+        self.scanner = Scanner(self.root, journal=self.journal, path_filter=self.filter, offer=self.settler.offer)
+        self.watcher = Watcher(self.root, on_path=self._on_path, on_dir=self._on_dir, on_overflow=self._on_overflow)
+        self.canary = Canary(self.root)
+        self._stop = threading.Event()
+        self._scan_wanted = threading.Event()
+        self._dirs_wanted: set[bytes] = set()
+        self._pending_trigger = "startup"
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.last_scan: dict[str, Any] = {}
+        self.store_ok: bool | None = None
+        self.http: Any = None
+
+    # -- wiring callbacks ------------------------------------------------------------------------------
+
+    def _on_request(self, operation: str, status: str) -> None:
+        self.metrics.s3_requests.labels(operation=operation, status=status).inc()
+        self.store_ok = status != "error" and not status.startswith("5")
+
+    def _on_path(self, rel: bytes, source: str) -> None:
+        if self.canary.matches(rel):
+            self.canary.seen()
+            return
+        reason = self.filter.skip_reason(path_text(rel))
+        if reason is None:
+            self.settler.offer(rel, source)
+        elif reason != "hidden":
+            self.metrics.files_skipped.labels(reason=reason).inc()
+
+    def _on_dir(self, rel: bytes) -> None:
+        # A new or moved-in folder: files written before its watch existed get no events. Scan it.
+        if self.filter.dir_skip_reason(path_text(rel)) is None:
+            with self._lock:
+                self._dirs_wanted.add(rel)
+            self._scan_wanted.set()
+
+    def _on_overflow(self) -> None:
+        self.metrics.watcher_overflows.inc()
+        log.warning("watcher_overflow", action="full_rescan")
+        self.request_scan("overflow")
+
+    def _on_ready(self, candidates: list[Candidate]) -> None:
+        for c in self.journal.record(candidates):
+            self.metrics.files_discovered.labels(source=EVENT_SOURCES.get(c.source, "event")).inc()
+            log.info("file_queued", path=path_text(c.path), bytes=c.size, source=c.source)
+        self.uploader.wake()
+
+    # -- scans and watchdog health -------------------------------------------------------------------
+
+    def request_scan(self, trigger: str) -> None:
+        """Ask the maintenance thread for a full reconciliation scan as soon as possible."""
+        with self._lock:
+            self._dirs_wanted.add(b"")
+            self._pending_trigger = trigger
+        self._scan_wanted.set()
+
+    def scan(self, trigger: str, subdir: bytes = b"") -> None:
+        """Reconcile (part of) the tree with the journal now, on the calling thread."""
+        result = self.scanner.scan(subdir)
+        if subdir:
+            log.debug("folder_scanned", path=path_text(subdir), files=result.files, queued=result.offered)
+            return
+        self.metrics.rescans.labels(trigger=trigger).inc()
+        self.metrics.scan_duration.observe(result.duration_s)
+        self.last_scan = {"trigger": trigger, "files": result.files, "offered": result.offered,
+                          "duration_s": round(result.duration_s, 3), "at": time.time()}
+        log.info("scan_completed", trigger=trigger, files=result.files, offered=result.offered,
+                 duration_s=round(result.duration_s, 3))
+
+    def _maintenance(self) -> None:
+        next_full = time.monotonic() + self.settings.scan_interval_s
+        while not self._stop.is_set():
+            self._scan_wanted.wait(timeout=min(CHECK_EVERY_S, max(0.0, next_full - time.monotonic())))
+            self._scan_wanted.clear()
+            if self._stop.is_set():
+                return
+            try:
+                with self._lock:
+                    dirs, self._dirs_wanted = self._dirs_wanted, set()
+                    trigger = self._pending_trigger
+                if time.monotonic() >= next_full:
+                    dirs.add(b"")
+                    trigger = "periodic"
+                if b"" in dirs:
+                    self.scan(trigger)
+                    next_full = time.monotonic() + self.settings.scan_interval_s
+                else:
+                    for rel in sorted(dirs):
+                        self.scan("folder", rel)
+                self._check_watcher()
+            except SidecarError:
+                log.exception("maintenance_failed")
+            except OSError as exc:
+                log.error("maintenance_failed", error=str(exc))
+
+    def _check_watcher(self) -> None:
+        """Prove the watcher delivers events; rebuild it (and rescan) when it has gone deaf."""
+        if self.watcher.mode == "none":
+            return
+        verdict = self.canary.check(self.watcher.is_alive(), grace_s=self._canary_grace())
+        self.metrics.watcher_up.set(1 if verdict != "deaf" else 0)
+        if verdict == "deaf":
+            log.warning("watcher_degraded", reason="canary event did not arrive", mode=self.watcher.mode)
+            self.watcher.restart()
+            self._set_mode_metric()
+            self.request_scan("watcher_restart")
+
+    def _canary_grace(self) -> float:
+        return 3.0 if self.watcher.mode == "inotify" else 4 * 2.0
+
+    def _set_mode_metric(self) -> None:
+        for mode in ("inotify", "polling"):
+            self.metrics.watcher_mode.labels(mode=mode).set(1 if self.watcher.mode == mode else 0)
+
+    # -- what operators see -----------------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Liveness: every loop thread runs and the watcher canary comes back."""
+        threads = {t.name: t.is_alive() for t in self._threads}
+        threads.update(uploader=self.uploader.alive())
+        watcher_ok = self.watcher.mode == "none" or (self.watcher.is_alive() and self.canary.healthy)
+        ok = all(threads.values()) and watcher_ok
+        return ok, {"threads": threads, "watcher": {"mode": self.watcher.mode, "alive": self.watcher.is_alive(),
+                                                    "canary": self.canary.verdict}}
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Readiness: journal answers, watcher healthy, the store answered at the last attempt."""
+        try:
+            self.journal.next_due_in()
+            journal_ok = True
+        except SidecarError:
+            journal_ok = False
+        live, _ = self.health()
+        store_ok = self.store_ok is not False
+        return journal_ok and live and store_ok, {"journal": journal_ok, "watcher": live, "store": store_ok}
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able summary for humans and scripts. Secrets are redacted."""
+        stats = self.journal.stats()
+        failures = [
+            {"path": path_text(r.path), "error": r.last_error, "attempts": r.attempts}
+            for r in self.journal.rows(FAILED, limit=10)
+        ]
+        return {
+            "version": __version__,
+            "counts": {state: {"files": n, "bytes": b} for state, (n, b) in stats.items()},
+            "oldest_pending_age_s": round(self.journal.oldest_pending_age(), 3),
+            "recent_failures": failures,
+            "last_uploaded_key": self.uploader.last_key,
+            "inflight": self.uploader.inflight(),
+            "settling": len(self.settler),
+            "watcher": {"mode": self.watcher.mode, "canary": self.canary.verdict,
+                        "degraded_reason": self.watcher.degraded_reason},
+            "store": {"endpoint": self.store.endpoint, "bucket": self.settings.bucket, "reachable": self.store_ok},
+            "last_scan": self.last_scan,
+            "config": self.settings.redacted(),
+        }
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Undo what a crash left behind: rows mid-upload go back to pending; open multipart uploads are aborted."""
+        reset = self.journal.reset_inflight()
+        for row_id, key, upload_id in self.journal.orphaned_multipart():
+            try:
+                self.store.abort_multipart(key, upload_id)
+                self.journal.set_upload(row_id, None, None)
+                log.info("multipart_orphan_aborted", key=key)
+            except StoreError as exc:
+                log.warning("multipart_orphan_abort_failed", key=key, error=str(exc))
+        if reset:
+            log.info("journal_recovered", requeued=reset)
+
+    def start(self, *, watch: bool = True) -> None:
+        """Start every part; a busy HTTP port or a broken journal fails here, loudly."""
+        log.info("daemon_starting", version=__version__, watch_dir=str(self.root), bucket=self.settings.bucket,
+                 endpoint=self.store.endpoint, pid=os.getpid())
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.recover()
+        if self.http is not None:
+            self.http.start()
+        self.uploader.start()
+        self._spawn("settle", lambda: self.settler.run(self._stop))
+        if watch:
+            self.watcher.start()
+            self._set_mode_metric()
+            self.metrics.watcher_up.set(1)
+            self.canary.write()
+        self.request_scan("startup")
+        self._spawn("maintenance", self._maintenance)
+        log.info("daemon_started", watcher_mode=self.watcher.mode, workers=self.settings.workers)
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self, deadline: float) -> bool:
+        """Stop everything by ``deadline`` (a monotonic time). True if no upload was cut short."""
+        log.info("shutdown_started", inflight=self.uploader.inflight())
+        self._stop.set()
+        self._scan_wanted.set()
+        self.watcher.stop()
+        drained = self.uploader.stop(max(0.0, deadline - time.monotonic()))
+        if self.http is not None:
+            self.http.stop(timeout_s=0.5)
+        stats = self.journal.stats()
+        log.info("shutdown_completed", drained=drained, pending=stats[PENDING][0] + stats["uploading"][0],
+                 uploaded=stats[UPLOADED][0], failed=stats[FAILED][0])
+        return drained
+
+    def close(self) -> None:
+        self.journal.close()

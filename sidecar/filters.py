@@ -1,0 +1,46 @@
+"""Which paths in the watched tree are upload candidates.
+
+Always ignored: anything under a dot-folder or named with a leading dot (which covers ``.tmp*`` files of
+safetensors and atomic writers), and common partial-download suffixes. Then the extension allow-list, the
+include globs (if any) and the exclude globs decide. Globs match the ``/``-separated relative path with
+:func:`fnmatch.fnmatchcase`, where ``*`` also crosses ``/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+
+PARTIAL_SUFFIXES = (".part", ".partial", ".crdownload", ".tmp", "~")
+
+
+class PathFilter:
+    """Decides whether a relative path is a candidate, and if not, why."""
+
+    def __init__(self, extensions: Iterable[str], include: Iterable[str] = (), exclude: Iterable[str] = ()) -> None:
+        self._extensions = frozenset(ext.lower().lstrip(".") for ext in extensions)
+        self._include = tuple(include)
+        self._exclude = tuple(exclude)
+
+    def skip_reason(self, relpath: str) -> str | None:
+        """None when ``relpath`` should be uploaded; otherwise a short bounded reason label."""
+        parts = relpath.split("/")
+        name = parts[-1]
+        if any(part.startswith(".") for part in parts):
+            return "hidden"
+        if name.lower().endswith(PARTIAL_SUFFIXES):
+            return "partial"
+        ext = name.rpartition(".")[2].lower() if "." in name else ""
+        if ext not in self._extensions:
+            return "extension"
+        if self._include and not any(fnmatchcase(relpath, glob) for glob in self._include):
+            return "not_included"
+        if any(fnmatchcase(relpath, glob) for glob in self._exclude):
+            return "excluded"
+        return None
+
+    def dir_skip_reason(self, reldir: str) -> str | None:
+        """None when the scan should descend into ``reldir``."""
+        if any(part.startswith(".") for part in reldir.split("/")):
+            return "hidden"
+        return None

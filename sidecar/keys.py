@@ -1,0 +1,74 @@
+"""Object keys: built from ``SIDECAR_KEY_TEMPLATE``, checked against the store's limit.
+
+Placeholders: ``{pod_id}``, ``{relpath}`` (``/``-separated), ``{filename}``, ``{stem}``, ``{ext}``,
+``{date}`` (UTC date of the file's mtime, ``YYYY-MM-DD``) and ``{md5}``. Bytes of a path that are not
+valid UTF-8 are written as ``%XX`` so every key is valid UTF-8; a
+clash with a real ``%XX`` name is caught by the conditional write like any other taken key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import posixpath
+from dataclasses import dataclass
+
+from sidecar.errors import PermanentStoreError
+
+MAX_KEY_BYTES = 1024
+VARIANT_HASH_CHARS = 12
+
+
+def path_text(path: bytes) -> str:
+    """A relative path as text: UTF-8 where valid, ``%XX`` for each byte that is not."""
+    try:
+        return path.decode("utf-8")
+    except UnicodeDecodeError:
+        out: list[str] = []
+        text = path.decode("utf-8", errors="surrogateescape")
+        for ch in text:
+            code = ord(ch)
+            out.append(f"%{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else ch)
+        return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBuilder:
+    """Formats keys for one pod from one template."""
+
+    template: str
+    pod_id: str
+
+    def key_for(self, relpath: bytes, *, mtime_ns: int, md5: str) -> str:
+        """The key this file's content is stored under, unless that key already holds other bytes."""
+        rel = path_text(relpath)
+        filename = posixpath.basename(rel)
+        stem, dot, ext = filename.rpartition(".")
+        if not dot:
+            stem, ext = filename, ""
+        date = dt.datetime.fromtimestamp(mtime_ns / 1e9, tz=dt.UTC).strftime("%Y-%m-%d")
+        key = self.template.format(
+            pod_id=self.pod_id, relpath=rel, filename=filename, stem=stem, ext=ext, date=date, md5=md5
+        )
+        return key.lstrip("/")
+
+    @staticmethod
+    def variant(key: str, md5: str) -> str:
+        """The deterministic alternative key for different content under a taken key: ``a/b.<md5>.png``."""
+        head, slash, name = key.rpartition("/")
+        stem, dot, ext = name.rpartition(".")
+        tag = md5[:VARIANT_HASH_CHARS]
+        name = f"{stem}.{tag}.{ext}" if dot and stem else f"{name}.{tag}"
+        return f"{head}{slash}{name}"
+
+
+def check_key(key: str) -> None:
+    """Raise a permanent InvalidObjectName error for keys the store would reject, before any request."""
+    size = len(key.encode("utf-8"))
+    if size > MAX_KEY_BYTES:
+        raise PermanentStoreError(
+            f"key is {size} bytes, over the {MAX_KEY_BYTES}-byte limit",
+            operation="PutObject",
+            key=key[:80] + "...",
+            code="InvalidObjectName",
+            hint="shorten the folder or file name, or SIDECAR_KEY_TEMPLATE",
+        )

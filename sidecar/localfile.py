@@ -1,0 +1,80 @@
+"""Safe access to files in the watched tree: never follow a link out of the root, never block on a FIFO.
+
+:func:`open_regular` is the only way the sidecar opens a watched file. :func:`writer_holds` asks the kernel
+whether any process still has the file open for writing (a read lease is refused if so), which is how a
+file written in place, like ComfyUI's PNGs, is told apart from a finished one without waiting long.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from pathlib import Path
+
+from sidecar.errors import SourceFileError
+
+F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+F_RDLCK = getattr(fcntl, "F_RDLCK", 0)
+F_UNLCK = getattr(fcntl, "F_UNLCK", 2)
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def relative(root: Path, path: str | bytes) -> bytes | None:
+    """``path`` relative to ``root`` as raw bytes, or None if it is not below the root."""
+    raw = os.fsencode(path)
+    base = os.fsencode(root).rstrip(b"/") + b"/"
+    return raw[len(base):] if raw.startswith(base) and len(raw) > len(base) else None
+
+
+def open_regular(root: Path, relpath: bytes) -> tuple[int, os.stat_result]:
+    """Open a file below ``root`` read-only; raise :class:`SourceFileError` with a bounded reason if unfit.
+
+    Reasons: ``vanished``, ``symlink``, ``outside_root``, ``not_regular``, ``unreadable``.
+    """
+    abspath = os.path.join(os.fsencode(root), relpath)
+    shown = os.fsdecode(relpath)
+    real_root = os.path.realpath(os.fsencode(root))
+    real_parent = os.path.realpath(os.path.dirname(abspath))
+    if not (real_parent + b"/").startswith(real_root.rstrip(b"/") + b"/"):
+        raise SourceFileError("outside_root", shown)
+    try:
+        fd = os.open(os.path.join(real_parent, os.path.basename(abspath)), OPEN_FLAGS)
+    except FileNotFoundError:
+        raise SourceFileError("vanished", shown) from None
+    except PermissionError:
+        raise SourceFileError("unreadable", shown) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SourceFileError("symlink", shown) from None
+        if exc.errno in (errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):  # sockets, unbound devices
+            raise SourceFileError("not_regular", shown) from None
+        raise SourceFileError("unreadable", shown) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise SourceFileError("not_regular", shown)
+    os.set_blocking(fd, True)
+    return fd, st
+
+
+def writer_holds(fd: int) -> bool | None:
+    """True if some process has the file open for writing, False if none, None if the kernel cannot tell.
+
+    A read lease is granted only when no one has the file open for writing; it is released at once.
+    It cannot be taken on files owned by others (without CAP_LEASE) or on some network filesystems.
+    """
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, F_RDLCK)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EBUSY):
+            return True
+        return None
+    fcntl.fcntl(fd, F_SETLEASE, F_UNLCK)
+    return False
+
+
+def same_version(a: os.stat_result, b: os.stat_result) -> bool:
+    """True when two stats describe the same content version of a file (size, mtime, inode)."""
+    return (a.st_size, a.st_mtime_ns, a.st_ino, a.st_dev) == (b.st_size, b.st_mtime_ns, b.st_ino, b.st_dev)

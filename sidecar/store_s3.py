@@ -1,0 +1,219 @@
+"""The S3 / Cloudflare R2 implementation of :class:`~sidecar.store.ObjectStore`, on boto3.
+
+R2 quirks live in :func:`client_config` (checksums) and in :meth:`S3Store.put` (Content-MD5 and the
+If-None-Match guard); :func:`classify` alone decides which failures are transient. See
+the README's "R2 notes".
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import botocore.exceptions as bx
+from botocore.config import Config
+
+from sidecar.errors import KeyExistsError, PermanentStoreError, StoreError, TransientStoreError
+from sidecar.store import MD5_METADATA, ObjectInfo
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+    from sidecar.config import Settings
+
+TRANSIENT_CODES = frozenset(
+    {
+        "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
+        "TooManyRequests", "RequestTimeTooSkewed", "BadDigest", "IncompleteBody", "OperationAborted",
+        "ExpiredToken",
+    }
+)
+HINTS = {
+    "AccessDenied": "check SIDECAR_ACCESS_KEY_ID / SIDECAR_SECRET_ACCESS_KEY and the token's bucket permissions",
+    "InvalidAccessKeyId": "check SIDECAR_ACCESS_KEY_ID",
+    "SignatureDoesNotMatch": "check SIDECAR_SECRET_ACCESS_KEY (and SIDECAR_REGION: 'auto' for R2)",
+    "Unauthorized": "check the credentials; R2 also says this for checksum forms it does not support",
+    "NoSuchBucket": "check SIDECAR_BUCKET and that the bucket exists at this endpoint",
+    "NotImplemented": "the store rejected a request form (R2 rejects aws-chunked checksum trailers)",
+    "InvalidObjectName": "shorten the folder or file name, or SIDECAR_KEY_TEMPLATE",
+}
+
+RequestObserver = Callable[[str, str], None]
+"""Called once per HTTP attempt with (operation, status) where status is the HTTP code or 'error'."""
+
+
+def client_config(settings: Settings) -> Config:
+    """botocore settings that R2 accepts.
+
+    R2 quirk: boto3 >= 1.36 sends a CRC32 checksum as an ``aws-chunked`` trailer by default, which R2 has
+    answered with 501 or SignatureDoesNotMatch. ``when_required`` turns that off; integrity comes from an
+    explicit Content-MD5 instead. botocore's own retries are off: the uploader retries (tenacity for blips,
+    the journal for outages), so an outage does not drain botocore's retry quota.
+    """
+    return Config(
+        region_name=settings.region,
+        signature_version="s3v4",
+        s3={"addressing_style": "path" if settings.endpoint_url else "auto"},
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=settings.connect_timeout_s,
+        read_timeout=settings.read_timeout_s,
+        max_pool_connections=settings.workers + 4,
+        tcp_keepalive=True,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        user_agent_extra="comfyui-r2-sidecar",
+    )
+
+
+def make_client(settings: Settings) -> S3Client:
+    """A boto3 S3 client for R2 (from the account id), any S3 endpoint URL, or AWS itself."""
+    key_id = secret = None
+    if settings.access_key_id is not None and settings.secret_access_key is not None:
+        key_id = settings.access_key_id.get_secret_value()
+        secret = settings.secret_access_key.get_secret_value()
+    session = boto3.session.Session()
+    return session.client(
+        "s3", endpoint_url=settings.resolved_endpoint, config=client_config(settings),
+        aws_access_key_id=key_id, aws_secret_access_key=secret,
+    )
+
+
+def _scrub(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "**********")
+    return text
+
+
+def classify(  # noqa: PLR0911 - one flat decision table reads better than nested helpers
+    exc: Exception, *, operation: str, key: str = "", secrets: Iterable[str] = ()
+) -> StoreError:
+    """Map any boto3/botocore failure to a transient, permanent or key-exists :class:`StoreError`."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, bx.ClientError):
+        err: dict[str, Any] = dict(exc.response.get("Error", {}))
+        meta: dict[str, Any] = dict(exc.response.get("ResponseMetadata", {}))
+        status = int(meta.get("HTTPStatusCode") or 0)
+        code = str(err.get("Code") or status or "ClientError")
+        message = _scrub(str(err.get("Message") or code), secrets)
+        if status == 412 or code == "PreconditionFailed":
+            return KeyExistsError(message, operation=operation, key=key, code="PreconditionFailed")
+        if code in TRANSIENT_CODES or (status >= 500 and code != "NotImplemented") or status == 429:
+            return TransientStoreError(message, operation=operation, key=key, code=code)
+        return PermanentStoreError(message, operation=operation, key=key, code=code, hint=HINTS.get(code, ""))
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return PermanentStoreError(
+            "no credentials", operation=operation, key=key, code="NoCredentials",
+            hint="set SIDECAR_ACCESS_KEY_ID and SIDECAR_SECRET_ACCESS_KEY",
+        )
+    if isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError):
+        return TransientStoreError("timed out", operation=operation, key=key, code="Timeout")
+    if isinstance(exc, bx.ConnectionError | bx.HTTPClientError | ConnectionError):
+        message = f"connection failed ({type(exc).__name__})"
+        return TransientStoreError(message, operation=operation, key=key, code="ConnectionError")
+    if isinstance(exc, bx.BotoCoreError):
+        return TransientStoreError(_scrub(str(exc), secrets), operation=operation, key=key, code=type(exc).__name__)
+    raise exc
+
+
+def _md5_b64(md5_hex: str) -> str:
+    return base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
+
+
+def _etag(response: Any) -> str:
+    return str(response.get("ETag", "")).strip('"')
+
+
+class S3Store:
+    """ObjectStore on one bucket of an S3-compatible endpoint."""
+
+    def __init__(
+        self, client: S3Client, bucket: str, *, secrets: Iterable[str] = (), observer: RequestObserver | None = None
+    ) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._secrets = tuple(s for s in secrets if s)
+        self.endpoint = str(client.meta.endpoint_url)
+        if observer is not None:
+            client.meta.events.register("needs-retry.s3", self._make_hook(observer))
+
+    @staticmethod
+    def _make_hook(observer: RequestObserver) -> Callable[..., None]:
+        def on_attempt(response: Any = None, operation: Any = None, **_: Any) -> None:
+            status = "error"
+            if response is not None:
+                status = str(response[0].status_code)
+            observer(getattr(operation, "name", "unknown"), status)
+
+        return on_attempt
+
+    def _call(self, operation: str, key: str, fn: Callable[..., Any], **params: Any) -> Any:
+        try:
+            return fn(Bucket=self._bucket, **params)
+        except Exception as exc:  # every failure is classified; classify re-raises what it does not know
+            raise classify(exc, operation=operation, key=key, secrets=self._secrets) from None
+
+    def put(self, key: str, data: bytes, *, md5_hex: str, content_type: str) -> str:
+        # R2 quirk: an explicit Content-MD5 is the integrity check R2 honours (BadDigest on mismatch), and its
+        # single-part ETag is that MD5, so the upload is verified without a HEAD. If-None-Match makes the
+        # write refuse to replace an object (ComfyUI reuses names after local deletes).
+        response = self._call(
+            "PutObject", key, self._client.put_object, Key=key, Body=data, ContentMD5=_md5_b64(md5_hex),
+            ContentType=content_type, Metadata={MD5_METADATA: md5_hex}, IfNoneMatch="*",
+        )
+        etag = _etag(response)
+        if etag and etag != md5_hex:
+            raise TransientStoreError(
+                f"ETag {etag} does not match the local MD5 {md5_hex}", operation="PutObject", key=key,
+                code="ETagMismatch",
+            )
+        return etag
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            response = self._call("HeadObject", key, self._client.head_object, Key=key)
+        except PermanentStoreError as exc:
+            if exc.code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        etag = _etag(response)
+        md5 = response.get("Metadata", {}).get(MD5_METADATA) or (etag if "-" not in etag else None)
+        return ObjectInfo(key=key, size=int(response.get("ContentLength", 0)), etag=etag, md5=md5)
+
+    def create_multipart(self, key: str, *, md5_hex: str, content_type: str) -> str:
+        response = self._call(
+            "CreateMultipartUpload", key, self._client.create_multipart_upload, Key=key,
+            ContentType=content_type, Metadata={MD5_METADATA: md5_hex},
+        )
+        return str(response["UploadId"])
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        md5_hex = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        response = self._call(
+            "UploadPart", key, self._client.upload_part, Key=key, UploadId=upload_id, PartNumber=number,
+            Body=data, ContentMD5=_md5_b64(md5_hex),
+        )
+        return _etag(response)
+
+    def complete_multipart(self, key: str, upload_id: str, etags: list[str]) -> str:
+        parts = [{"ETag": f'"{etag}"', "PartNumber": n} for n, etag in enumerate(etags, start=1)]
+        response = self._call(
+            "CompleteMultipartUpload", key, self._client.complete_multipart_upload, Key=key,
+            UploadId=upload_id, MultipartUpload={"Parts": parts},
+        )
+        return _etag(response)
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        try:
+            self._call("AbortMultipartUpload", key, self._client.abort_multipart_upload, Key=key, UploadId=upload_id)
+        except PermanentStoreError as exc:
+            if exc.code != "NoSuchUpload":
+                raise
+
+    def check(self) -> str:
+        self._call("HeadBucket", "", self._client.head_bucket)
+        return f"bucket {self._bucket!r} reachable at {self.endpoint} with these credentials"
