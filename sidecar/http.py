@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from sidecar.errors import SidecarError
+from sidecar.errors import ConfigError, SidecarError
 
 log = structlog.get_logger(__name__)
 
@@ -171,16 +171,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class HttpServer:
-    """The daemon's HTTP endpoint. The constructor binds (or raises SidecarError); start() serves."""
+    """The daemon's HTTP endpoint. The constructor binds (or raises SidecarError); start() serves.
+
+    ``health`` and ``ready`` return ``(ok, details)``: 200 or 503 with ``{"ok": ok, **details}``.
+    ``status`` returns the ``/status`` document. All three run on request threads and must be thread-safe.
+    """
 
     def __init__(
         self, host: str, port: int, registry: CollectorRegistry, *, token: str | None, health: Probe,
         ready: Probe, status: Callable[[], dict[str, Any]],
     ) -> None:
-        if token is not None and (not token or token != token.strip() or " " in token):
-            raise SidecarError(
-                "HTTP token is empty or contains spaces; unset SIDECAR_HTTP_TOKEN to disable auth "
-                "or give it a single word"
+        if token is not None and (not token or any(char.isspace() for char in token)):
+            raise ConfigError(
+                "SIDECAR_HTTP_TOKEN: empty or contains whitespace; unset it to disable auth or set one word"
             )
         server_class = _Server6 if ":" in host else _Server
         try:
