@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from sidecar import __version__
 
+OUTCOMES = ("uploaded", "existing", "unchanged", "retry", "failed", "skipped", "changed")
 SIZE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 
 
@@ -32,7 +33,8 @@ class Metrics:
             ["reason"], registry=registry,
         )
         self.uploads = Counter(
-            "sidecar_uploads_total", "Finished upload attempts by outcome (success, unchanged, retry, failed).",
+            "sidecar_uploads_total",
+            "Finished upload attempts by outcome (uploaded, existing, unchanged, retry, failed, skipped, changed).",
             ["outcome"], registry=registry,
         )
         self.retries = Counter(
@@ -85,6 +87,11 @@ class Metrics:
             registry=registry,
         )
         Info("sidecar_build", "Build information.", registry=registry).info({"version": __version__})
+        # Create the bounded label sets up front so increase() sees the first failure after a restart.
+        for outcome in OUTCOMES:
+            self.uploads.labels(outcome=outcome)
+        for source in ("event", "scan"):
+            self.files_discovered.labels(source=source)
 
 
 QueueStats = dict[str, tuple[int, int]]
