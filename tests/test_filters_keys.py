@@ -1,0 +1,80 @@
+"""Which paths are candidates, and the object keys they get."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.config import DEFAULT_EXTENSIONS
+from sidecar.errors import PermanentStoreError
+from sidecar.filters import PathFilter
+from sidecar.keys import KeyBuilder, check_key, path_text
+from sidecar.mime import content_type
+
+DEFAULT = PathFilter(DEFAULT_EXTENSIONS.split(","))
+
+
+@pytest.mark.parametrize(
+    ("relpath", "reason"),
+    [
+        ("ComfyUI_00001_.png", None),
+        ("video/AnimateDiff_00001.MP4", None),
+        ("%date:yyyy-MM-dd%/a b:c ü 😀.webp", None),
+        (".tmpabc123", "hidden"),
+        ("latents/.tmp_x.png", "hidden"),
+        (".cache/a.png", "hidden"),
+        ("a.png.part", "partial"),
+        ("a.png.tmp", "partial"),
+        ("checkpoints/model.safetensors", "extension"),
+        ("noext", "extension"),
+        ("ComfyUI_00001_.latent", "extension"),
+    ],
+)
+def test_default_filter(relpath: str, reason: str | None) -> None:
+    """ComfyUI outputs pass; dotfiles, temp files, partials and model files do not."""
+    assert DEFAULT.skip_reason(relpath) == reason
+
+
+def test_include_and_exclude_globs() -> None:
+    """Include globs narrow the set, exclude globs remove from it."""
+    f = PathFilter(["png"], include=["keep/*"], exclude=["*_preview.png"])
+    assert f.skip_reason("keep/a.png") is None
+    assert f.skip_reason("other/a.png") == "not_included"
+    assert f.skip_reason("keep/a_preview.png") == "excluded"
+
+
+def test_key_template_fields() -> None:
+    """Every placeholder expands; the date is the file's mtime in UTC."""
+    kb = KeyBuilder("{pod_id}/{date}/{relpath}|{filename}|{stem}|{ext}|{md5}", "pod-7")
+    key = kb.key_for(b"sub/ComfyUI_00001_.png", mtime_ns=1_700_000_000 * 10**9, md5="ab" * 16)
+    assert key == "pod-7/2023-11-14/sub/ComfyUI_00001_.png|ComfyUI_00001_.png|ComfyUI_00001_|png|" + "ab" * 16
+
+
+def test_non_utf8_bytes_become_percent_escapes() -> None:
+    """A name that is not valid UTF-8 still gives a valid UTF-8 key, deterministically."""
+    assert path_text(b"a/\xff\xfeimg.png") == "a/%FF%FEimg.png"
+    assert path_text("a/ü.png".encode()) == "a/ü.png"
+
+
+def test_variant_key_keeps_the_extension() -> None:
+    """The content-hash variant sits before the extension so the type stays obvious."""
+    assert KeyBuilder.variant("p/ComfyUI_00001_.png", "0123456789abcdef" * 2) == "p/ComfyUI_00001_.0123456789ab.png"
+    assert KeyBuilder.variant("p/noext", "0123456789abcdef" * 2) == "p/noext.0123456789ab"
+
+
+def test_over_long_key_is_a_permanent_invalid_object_name() -> None:
+    """A key over 1,024 bytes is rejected before any request, with a hint."""
+    check_key("k" * 1024)
+    with pytest.raises(PermanentStoreError) as info:
+        check_key("é" * 513)
+    assert info.value.code == "InvalidObjectName"
+    assert "1024" in str(info.value) and info.value.hint
+
+
+@pytest.mark.parametrize(
+    ("name", "ctype"),
+    [("a.png", "image/png"), ("a.WEBP", "image/webp"), ("a.mp4", "video/mp4"), ("a.glb", "model/gltf-binary"),
+     ("a.opus", "audio/opus"), ("a.bin", "application/octet-stream"), ("noext", "application/octet-stream")],
+)
+def test_content_type_from_extension(name: str, ctype: str) -> None:
+    """Content-Type follows the extension, including formats mimetypes does not know."""
+    assert content_type(name) == ctype

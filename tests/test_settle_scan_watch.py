@@ -1,0 +1,204 @@
+"""The settle check, the reconciliation scan and the watcher, on real files and real inotify."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.waiting import wait_until
+
+from sidecar.config import DEFAULT_EXTENSIONS
+from sidecar.filters import PathFilter
+from sidecar.journal import Candidate, Journal
+from sidecar.scanner import Scanner
+from sidecar.settle import Settler
+from sidecar.watcher import Watcher
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.ready: list[Candidate] = []
+        self.skipped: list[str] = []
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Settler, Clock, Collected, Path]:
+    clock, got = Clock(), Collected()
+    settler = Settler(tmp_path, settle_s=0.5, on_ready=got.ready.extend, on_skip=got.skipped.append, clock=clock)
+    return settler, clock, got, tmp_path
+
+
+def drain(settler: Settler, clock: Clock, seconds: float, step: float = 0.25) -> None:
+    end = clock.now + seconds
+    while clock.now < end:
+        settler.run_once()
+        clock.now += step
+    settler.run_once()
+
+
+def test_file_still_open_for_writing_is_held(setup: tuple[Settler, Clock, Collected, Path]) -> None:
+    """A file some process still holds open for writing is never confirmed, however stable it looks."""
+    settler, clock, got, root = setup
+    with (root / "a.png").open("wb") as f:
+        f.write(b"half")
+        f.flush()
+        settler.offer(b"a.png", "create")
+        drain(settler, clock, 10)
+        assert got.ready == []
+    drain(settler, clock, 3)
+    assert [c.path for c in got.ready] == [b"a.png"]
+    assert got.ready[0].size == 4
+
+
+def test_growing_file_waits_until_stable(setup: tuple[Settler, Clock, Collected, Path]) -> None:
+    """A file that changed between two checks is re-checked, and confirmed with its final size."""
+    settler, clock, got, root = setup
+    (root / "a.png").write_bytes(b"x")
+    settler.offer(b"a.png", "close")
+    settler.run_once()
+    (root / "a.png").write_bytes(b"xyz-longer")
+    drain(settler, clock, 3)
+    assert [(c.path, c.size) for c in got.ready] == [(b"a.png", 10)]
+
+
+def test_confirmation_needs_the_settle_interval(setup: tuple[Settler, Clock, Collected, Path]) -> None:
+    """A closed, untouched file is confirmed after settle_s and not before; offers coalesce."""
+    settler, clock, got, root = setup
+    (root / "a.png").write_bytes(b"done")
+    settler.offer(b"a.png", "close")
+    settler.offer(b"a.png", "close")
+    settler.run_once()
+    clock.now += 0.25
+    settler.run_once()
+    assert got.ready == []
+    clock.now += 0.3
+    settler.run_once()
+    assert len(got.ready) == 1 and len(settler) == 0
+
+
+@pytest.mark.parametrize("kind", ["vanished", "fifo", "socket", "symlink", "outside"])
+def test_unfit_candidates_are_skipped_with_a_reason(setup: tuple[Settler, Clock, Collected, Path], kind: str) -> None:
+    """Vanished files, FIFOs, sockets and links are skipped at once, without blocking."""
+    settler, clock, got, root = setup
+    name = b"x.png"
+    if kind == "fifo":
+        os.mkfifo(root / "x.png")
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(root / "x.png"))
+        sock.close()
+    elif kind == "symlink":
+        (root / "x.png").symlink_to("/etc/passwd")
+    elif kind == "outside":
+        (root / "etc").symlink_to("/etc")
+        name = b"etc/passwd"
+    settler.offer(name, "create")
+    drain(settler, clock, 1)
+    expected = {"vanished": "vanished", "fifo": "not_regular", "socket": "not_regular", "symlink": "symlink",
+                "outside": "outside_root"}[kind]
+    assert got.ready == [] and got.skipped == [expected]
+
+
+def test_scan_offers_only_new_or_changed_files(tmp_path: Path) -> None:
+    """The scan compares with the journal: unknown or changed files are offered, known ones are not."""
+    root = tmp_path / "out"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    for rel in ("a.png", "sub/b.webp", "sub/deeper/c.mp4", ".hidden/d.png", "sub/e.safetensors"):
+        (root / rel).write_bytes(b"data-" + rel.encode())
+    (root / "link.png").symlink_to(root / "a.png")
+    journal = Journal(tmp_path / "j.sqlite3")
+    st = (root / "a.png").stat()
+    journal.record([Candidate(b"a.png", st.st_size, st.st_mtime_ns, "scan")])
+    st = (root / "sub/b.webp").stat()
+    journal.record([Candidate(b"sub/b.webp", st.st_size + 1, st.st_mtime_ns, "scan")])  # changed since
+    offered: list[bytes] = []
+    scanner = Scanner(root, journal=journal, path_filter=PathFilter(DEFAULT_EXTENSIONS.split(",")),
+                      offer=lambda rel, source: offered.append(rel))
+    result = scanner.scan()
+    assert sorted(offered) == [b"sub/b.webp", b"sub/deeper/c.mp4"]
+    assert result.files == 3 and result.offered == 2
+    offered.clear()
+    scanner.scan(b"sub/deeper")
+    assert offered == [b"sub/deeper/c.mp4"]
+
+
+class Events:
+    def __init__(self) -> None:
+        self.paths: dict[bytes, set[str]] = {}
+        self.dirs: list[bytes] = []
+        self.overflows = 0
+        self.lock = threading.Lock()
+
+    def on_path(self, rel: bytes, source: str) -> None:
+        with self.lock:
+            self.paths.setdefault(rel, set()).add(source)
+
+    def on_dir(self, rel: bytes) -> None:
+        with self.lock:
+            self.dirs.append(rel)
+
+    def on_overflow(self) -> None:
+        self.overflows += 1
+
+
+@pytest.fixture
+def watched(tmp_path: Path) -> Iterator[tuple[Watcher, Events, Path]]:
+    events = Events()
+    root = tmp_path / "not-yet-there"
+    watcher = Watcher(root, on_path=events.on_path, on_dir=events.on_dir, on_overflow=events.on_overflow)
+    watcher.start()
+    yield watcher, events, root
+    watcher.stop()
+
+
+def test_watcher_creates_root_and_reports_every_kind_of_write(watched: tuple[Watcher, Events, Path]) -> None:
+    """Close, rename and writes into a fresh subfolder all reach the handler (FIELD-NOTES §1)."""
+    watcher, events, root = watched
+    assert watcher.mode == "inotify" and root.is_dir()
+    (root / "a.png").write_bytes(b"a")
+    (root / "b.png.tmp").write_bytes(b"b")
+    os.rename(root / "b.png.tmp", root / "b.png")
+    fresh = root / "2026-11-27"
+    fresh.mkdir()
+    for n in range(5):
+        (fresh / f"ComfyUI_{n:05d}_.png").write_bytes(b"x" * 100)
+    wanted = {b"a.png", b"b.png", *(f"2026-11-27/ComfyUI_{n:05d}_.png".encode() for n in range(5))}
+    wait_until(lambda: wanted <= events.paths.keys(), timeout=10, message=f"events so far: {events.paths}")
+    assert "close" in events.paths[b"a.png"]
+    assert "move" in events.paths[b"b.png"]
+    assert b"2026-11-27" in events.dirs
+
+
+def test_overflow_warning_triggers_the_callback(watched: tuple[Watcher, Events, Path]) -> None:
+    """watchdog's 'Inotify queue overflowed' log record, its only overflow signal, reaches on_overflow."""
+    _, events, _ = watched
+    logging.getLogger("watchdog.observers.inotify_c").warning("Inotify queue overflowed; filesystem events were lost")
+    assert events.overflows == 1
+
+
+def test_polling_fallback_still_sees_files(tmp_path: Path) -> None:
+    """The polling observer (used when inotify is unavailable) delivers created files too."""
+    events = Events()
+    watcher = Watcher(tmp_path, on_path=events.on_path, on_dir=events.on_dir, on_overflow=events.on_overflow,
+                      force_polling=True)
+    watcher.start()
+    try:
+        assert watcher.mode == "polling"
+        (tmp_path / "p.png").write_bytes(b"p")
+        wait_until(lambda: b"p.png" in events.paths, timeout=15, message="polling observer saw nothing")
+    finally:
+        watcher.stop()
