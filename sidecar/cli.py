@@ -103,7 +103,8 @@ def cmd_check(_: argparse.Namespace) -> int:
 def cmd_run(_: argparse.Namespace) -> int:
     from prometheus_client import disable_created_metrics  # noqa: PLC0415
 
-    disable_created_metrics()  # the *_created series double the exposition and tell operators nothing
+    # The *_created series double the exposition and tell operators nothing.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     settings = _settings()
     daemon = _build(settings)
     return run_until_signalled(daemon, settings.drain_timeout_s)

@@ -31,6 +31,12 @@ TRANSIENT_CODES = frozenset(
         "ExpiredToken",
     }
 )
+BODYLESS_CODES = {
+    ("HeadBucket", "404"): "NoSuchBucket",
+    ("HeadObject", "404"): "NoSuchKey",
+    ("", "403"): "AccessDenied",
+    ("", "401"): "Unauthorized",
+}
 HINTS = {
     "AccessDenied": "check SIDECAR_ACCESS_KEY_ID / SIDECAR_SECRET_ACCESS_KEY and the token's bucket permissions",
     "InvalidAccessKeyId": "check SIDECAR_ACCESS_KEY_ID",
@@ -99,6 +105,8 @@ def classify(  # noqa: PLR0911 - one flat decision table reads better than neste
         meta: dict[str, Any] = dict(exc.response.get("ResponseMetadata", {}))
         status = int(meta.get("HTTPStatusCode") or 0)
         code = str(err.get("Code") or status or "ClientError")
+        if code.isdigit():  # HEAD answers carry no body, so no error code: name the usual meaning
+            code = BODYLESS_CODES.get((operation, code), BODYLESS_CODES.get(("", code), code))
         message = _scrub(str(err.get("Message") or code), secrets)
         if status == 412 or code == "PreconditionFailed":
             return KeyExistsError(message, operation=operation, key=key, code="PreconditionFailed")
@@ -177,7 +185,7 @@ class S3Store:
         try:
             response = self._call("HeadObject", key, self._client.head_object, Key=key)
         except PermanentStoreError as exc:
-            if exc.code in ("404", "NoSuchKey", "NotFound"):
+            if exc.code in ("NoSuchKey", "NotFound"):
                 return None
             raise
         etag = _etag(response)

@@ -1,0 +1,177 @@
+"""The S3/R2 store and the per-file transfer, over HTTPS through the R2-strict proxy to a real moto server."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from support.proxy import R2Proxy
+from support.s3server import S3Server
+
+from sidecar.config import load_settings
+from sidecar.errors import KeyExistsError, PermanentStoreError, TransientStoreError
+from sidecar.journal import FileRow
+from sidecar.keys import KeyBuilder
+from sidecar.store_s3 import S3Store, make_client
+from sidecar.transfer import MAX_PARTS, MIB, Transfer, part_size_for
+
+T = TypeVar("T")
+
+
+def make_store(proxy: R2Proxy, bucket: str, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> S3Store:
+    if proxy.ca_bundle:
+        monkeypatch.setenv("AWS_CA_BUNDLE", proxy.ca_bundle)
+    settings = load_settings(bucket=bucket, endpoint_url=proxy.endpoint, region="us-east-1",
+                             access_key_id="testing", secret_access_key="testing", read_timeout_s=5, **kw)
+    return S3Store(make_client(settings), bucket, secrets=["testing"])
+
+
+def once(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+def row(path: bytes, **kw: Any) -> FileRow:
+    base: dict[str, Any] = dict(id=1, path=path, size=0, mtime_ns=0, state="uploading", source="close", attempts=0,
+                                discovered_at=0.0, md5=None, key=None, etag=None, upload_id=None)
+    base.update(kw)
+    return FileRow(**base)
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+@pytest.fixture
+def store(r2_proxy: R2Proxy, bucket: str, monkeypatch: pytest.MonkeyPatch) -> S3Store:
+    return make_store(r2_proxy, bucket, monkeypatch)
+
+
+def make_transfer(store: S3Store, root: Path, threshold: int = 64 * MIB, part: int = 5 * MIB) -> Transfer:
+    multipart: list[tuple[int, str | None, str | None]] = []
+    return Transfer(store, root, KeyBuilder("pod/{relpath}", "pod"), multipart_threshold=threshold, part_size=part,
+                    retry=once, on_multipart=lambda *a: multipart.append(a))
+
+
+def test_put_is_one_r2_acceptable_request(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server, bucket: str) -> None:
+    """A PUT passes R2's strict checks in exactly one request, with Content-MD5 and no checksum trailer."""
+    data = b"png-bytes" * 100
+    etag = store.put("k/a.png", data, md5_hex=md5(data), content_type="image/png")
+    assert etag == md5(data)
+    (put,) = r2_proxy.requests
+    assert put.method == "PUT" and put.status == 200
+    assert "content-md5" in put.headers and "x-amz-trailer" not in put.headers
+    assert put.headers.get("if-none-match") == "*"
+    assert s3_server.objects(bucket) == {"k/a.png": data}
+    assert s3_server.head(bucket, "k/a.png")["ContentType"] == "image/png"
+
+
+def test_put_never_overwrites(store: S3Store) -> None:
+    """A second PUT to a taken key raises KeyExistsError instead of replacing the object."""
+    store.put("k", b"one", md5_hex=md5(b"one"), content_type="image/png")
+    with pytest.raises(KeyExistsError):
+        store.put("k", b"two", md5_hex=md5(b"two"), content_type="image/png")
+
+
+def test_head_reports_our_md5(store: S3Store) -> None:
+    """HEAD tells the content MD5 of an object (from metadata), or None for a missing key."""
+    store.put("k", b"one", md5_hex=md5(b"one"), content_type="image/png")
+    info = store.head("k")
+    assert info is not None and info.md5 == md5(b"one") and info.size == 3
+    assert store.head("missing") is None
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "kind"),
+    [(503, "SlowDown", TransientStoreError), (500, "InternalError", TransientStoreError),
+     (429, "TooManyRequests", TransientStoreError), (403, "AccessDenied", PermanentStoreError),
+     (501, "NotImplemented", PermanentStoreError)],
+)
+def test_errors_are_classified(store: S3Store, r2_proxy: R2Proxy, status: int, code: str, kind: type) -> None:
+    """5xx and 429 are transient; 403 and 501 are permanent, with a hint for the operator."""
+    r2_proxy.fail_all(status=status, code=code)
+    with pytest.raises(kind) as info:
+        store.put("k", b"x", md5_hex=md5(b"x"), content_type="image/png")
+    assert info.value.code == code and "PutObject" in str(info.value)
+    if kind is PermanentStoreError:
+        assert info.value.hint
+
+
+def test_missing_bucket_and_unreachable_store(r2_proxy: R2Proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing bucket is permanent with a hint naming SIDECAR_BUCKET; a refused connection is transient."""
+    store = make_store(r2_proxy, "no-such-bucket-here", monkeypatch)
+    with pytest.raises(PermanentStoreError) as info:
+        store.check()
+    assert info.value.code == "NoSuchBucket" and "SIDECAR_BUCKET" in str(info.value)
+    r2_proxy.down()
+    with pytest.raises(TransientStoreError) as down:
+        store.put("k", b"x", md5_hex=md5(b"x"), content_type="image/png")
+    assert down.value.code == "ConnectionError"
+
+
+def test_transfer_reused_name_goes_to_a_variant(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server,
+                                                bucket: str, tmp_path: Path) -> None:
+    """New bytes under an uploaded name go straight to the content-hash variant: one PUT, both kept."""
+    transfer = make_transfer(store, tmp_path)
+    (tmp_path / "a.png").write_bytes(b"first")
+    first = transfer.run(row(b"a.png"))
+    (tmp_path / "a.png").write_bytes(b"second")
+    second = transfer.run(row(b"a.png", md5=first.md5, key=first.key, etag=first.etag))
+    assert second.key == KeyBuilder.variant("pod/a.png", md5(b"second"))
+    assert s3_server.objects(bucket) == {"pod/a.png": b"first", second.key: b"second"}
+    assert len(r2_proxy.puts()) == 2 and r2_proxy.heads() == []
+
+
+def test_transfer_unchanged_content_sends_nothing(store: S3Store, r2_proxy: R2Proxy, tmp_path: Path) -> None:
+    """A rewrite with identical bytes is recognised from the journal and costs zero requests."""
+    transfer = make_transfer(store, tmp_path)
+    (tmp_path / "a.png").write_bytes(b"same")
+    first = transfer.run(row(b"a.png"))
+    r2_proxy.clear()
+    again = transfer.run(row(b"a.png", md5=first.md5, key=first.key, etag=first.etag))
+    assert again.outcome == "unchanged" and r2_proxy.requests == []
+
+
+def test_transfer_after_lost_journal_does_not_duplicate(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server,
+                                                        bucket: str, tmp_path: Path) -> None:
+    """If the object is already there with our bytes (crash after PUT), a 412 and a HEAD settle it."""
+    s3_server.direct.put_object(Bucket=bucket, Key="pod/a.png", Body=b"ours", Metadata={"md5": md5(b"ours")})
+    (tmp_path / "a.png").write_bytes(b"ours")
+    result = make_transfer(store, tmp_path).run(row(b"a.png"))
+    assert result.outcome == "existing" and result.key == "pod/a.png"
+    assert [r.operation for r in r2_proxy.requests] == ["PutObject", "HeadObject"]
+
+
+def test_transfer_foreign_object_is_not_overwritten(store: S3Store, s3_server: S3Server, bucket: str,
+                                                    tmp_path: Path) -> None:
+    """Someone else's bytes under our key stay; ours go to the variant key."""
+    s3_server.direct.put_object(Bucket=bucket, Key="pod/a.png", Body=b"theirs")
+    (tmp_path / "a.png").write_bytes(b"ours")
+    result = make_transfer(store, tmp_path).run(row(b"a.png"))
+    assert result.variant_of == "pod/a.png"
+    assert s3_server.objects(bucket) == {"pod/a.png": b"theirs", result.key: b"ours"}
+
+
+def test_multipart_uses_equal_parts_and_round_trips(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server,
+                                                    bucket: str, tmp_path: Path) -> None:
+    """Above the threshold: equal parts (R2 rejects unequal ones), each with Content-MD5; bytes identical."""
+    data = os.urandom(5 * MIB * 2 + 12345)
+    (tmp_path / "big.mp4").write_bytes(data)
+    result = make_transfer(store, tmp_path, threshold=5 * MIB).run(row(b"big.mp4"))
+    assert s3_server.objects(bucket)[result.key] == data
+    parts = r2_proxy.parts()
+    assert [p.payload_len for p in parts] == [5 * MIB, 5 * MIB, 12345]
+    assert all("content-md5" in p.headers for p in parts)
+    info = store.head(result.key)
+    assert info is not None and info.md5 == md5(data)
+
+
+def test_part_size_keeps_under_ten_thousand_parts() -> None:
+    """Part size grows in whole MiB so no file needs more than 10,000 parts."""
+    assert part_size_for(100 * MIB, 16 * MIB) == 16 * MIB
+    for size in (200 * 1024**3, 4 * 1024**4, 5 * 1024**4 - 1):
+        part = part_size_for(size, 16 * MIB)
+        assert part % MIB == 0 and -(-size // part) <= MAX_PARTS
