@@ -1,0 +1,73 @@
+"""One-shot commands as real processes: `sidecar scan`, `retry-failed`, `config`, `--version`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from support.daemon import sidecar_env
+from support.proxy import R2Proxy
+from support.s3server import S3Server
+
+from sidecar import __version__
+
+
+def sidecar(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "SIDECAR_LOG_FORMAT": "json", **env}
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], env=full, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_scan_uploads_everything_and_is_idempotent(tmp_path: Path, r2_proxy: R2Proxy, s3_server: S3Server,
+                                                   bucket: str) -> None:
+    """`sidecar scan` uploads every file once and exits 0; a second scan sends no request."""
+    env = sidecar_env(tmp_path, r2_proxy.endpoint, bucket, ca_bundle=r2_proxy.ca_bundle, settle_s=0.05,
+                      pod_id="pod")
+    out = tmp_path / "out"
+    files = {f"d{n % 3}/ComfyUI_{n:05d}_.png": os.urandom(1000 + n) for n in range(12)}
+    for rel, data in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    first = sidecar(env, "scan")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout.strip().splitlines()[-1]) == {"uploaded": 12, "pending": 0, "failed": 0}
+    assert s3_server.objects(bucket) == {f"pod/{rel}": data for rel, data in files.items()}
+    assert len(r2_proxy.puts()) == 12
+    r2_proxy.clear()
+    second = sidecar(env, "scan")
+    assert second.returncode == 0 and r2_proxy.requests == []
+
+
+def test_scan_exits_1_on_failures_and_retry_failed_requeues(tmp_path: Path, r2_proxy: R2Proxy, s3_server: S3Server,
+                                                            bucket: str) -> None:
+    """Files the store refuses are parked (scan exits 1); retry-failed plus a new scan uploads them."""
+    env = sidecar_env(tmp_path, r2_proxy.endpoint, bucket, ca_bundle=r2_proxy.ca_bundle, settle_s=0.05,
+                      pod_id="pod")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.png").write_bytes(b"a" * 100)
+    r2_proxy.fail_all(status=403, code="AccessDenied")
+    failed = sidecar(env, "scan")
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout.strip().splitlines()[-1])["failed"] == 1
+    events = [json.loads(line) for line in failed.stdout.splitlines() if line.startswith("{\"")]
+    (failure,) = [e for e in events if e.get("event") == "upload_failed"]
+    assert failure["error_class"] == "AccessDenied" and "SIDECAR_ACCESS_KEY_ID" in failure["hint"]
+    r2_proxy.heal()
+    assert sidecar(env, "scan").returncode == 1  # still parked: a rescan does not silently retry
+    requeued = sidecar(env, "retry-failed")
+    assert requeued.returncode == 0 and "requeued 1" in requeued.stdout
+    assert sidecar(env, "scan").returncode == 0
+    assert s3_server.objects(bucket) == {"pod/a.png": b"a" * 100}
+
+
+def test_config_redacts_and_version_prints(tmp_path: Path) -> None:
+    """`sidecar config` prints JSON with secrets as stars; `--version` prints the version."""
+    env = sidecar_env(tmp_path, "http://127.0.0.1:1", "b-ucket", secret_access_key="MARKER-8c1d")
+    shown = sidecar(env, "config")
+    assert shown.returncode == 0 and "MARKER-8c1d" not in shown.stdout + shown.stderr
+    assert json.loads(shown.stdout)["secret_access_key"] == "**********"
+    version = sidecar(env, "--version")
+    assert version.stdout.strip() == f"sidecar {__version__}"
