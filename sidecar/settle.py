@@ -27,6 +27,7 @@ log = structlog.get_logger("sidecar.settle")
 
 NO_LEASE_QUIET_S = 2.0  # quiet period when the kernel cannot say whether a writer still has the file open
 MAX_RECHECK_S = 2.0
+RETRY_HANDOVER_S = 1.0
 
 
 @dataclass(slots=True)
@@ -102,8 +103,20 @@ class Settler:
             if isinstance(verdict, Candidate):
                 ready.append(verdict)
         if ready:
-            self._on_ready(ready)
+            try:
+                self._on_ready(ready)
+            except Exception:
+                self._hold_again(ready, now + RETRY_HANDOVER_S)
+                raise
         return len(ready)
+
+    def _hold_again(self, candidates: list[Candidate], due: float) -> None:
+        """The hand-over failed (journal full or broken): keep the candidates and try again at ``due``."""
+        with self._lock:
+            for c in candidates:
+                if c.path not in self._entries:
+                    self._entries[c.path] = _Entry(source=c.source, due=due, first_offered=due)
+                    heapq.heappush(self._heap, (due, c.path))
 
     def _check(self, relpath: bytes, entry: _Entry, now: float) -> Candidate | str | None:
         """A Candidate when finished, a skip reason when never uploadable, None to look again at entry.due."""

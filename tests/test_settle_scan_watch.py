@@ -202,3 +202,25 @@ def test_polling_fallback_still_sees_files(tmp_path: Path) -> None:
         wait_until(lambda: b"p.png" in events.paths, timeout=15, message="polling observer saw nothing")
     finally:
         watcher.stop()
+
+
+def test_failed_handover_keeps_the_candidates(tmp_path: Path) -> None:
+    """If the journal cannot take confirmed files (e.g. disk full), they stay held and are offered again."""
+    clock, accepted = Clock(), []
+    failures = [RuntimeError("database or disk is full")]
+
+    def on_ready(batch: list[Candidate]) -> None:
+        if failures:
+            raise failures.pop()
+        accepted.extend(batch)
+
+    settler = Settler(tmp_path, settle_s=0.5, on_ready=on_ready, clock=clock)
+    (tmp_path / "a.png").write_bytes(b"a")
+    settler.offer(b"a.png", "close")
+    settler.run_once()
+    clock.now += 0.5
+    with pytest.raises(RuntimeError):
+        settler.run_once()
+    assert len(settler) == 1
+    drain(settler, clock, 3)
+    assert [c.path for c in accepted] == [b"a.png"]
