@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar import __version__
 from sidecar.config import Settings
-from sidecar.errors import SidecarError, StoreError
+from sidecar.errors import ConfigError, SidecarError, StoreError
 from sidecar.filters import PathFilter
 from sidecar.health import Canary
 from sidecar.journal import FAILED, PENDING, UPLOADED, Candidate, Journal
@@ -239,7 +239,10 @@ class Daemon:
         """Start every part; a busy HTTP port or a broken journal fails here, loudly."""
         log.info("daemon_starting", version=__version__, watch_dir=str(self.root), bucket=self.settings.bucket,
                  endpoint=self.store.endpoint, pid=os.getpid())
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. a path under a file, or no permission: a configuration problem, said once
+            raise ConfigError(f"SIDECAR_WATCH_DIR: {self.root} is not a usable folder ({exc.strerror})") from None
         self.recover()
         if self.http is not None:
             self.http.start()

@@ -49,8 +49,6 @@ UPLOAD_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
 POLL = 0.1
 
-pytestmark = pytest.mark.slow
-
 
 def _tool(name: str) -> str:
     beside = Path(sys.executable).parent / name
@@ -313,6 +311,7 @@ def http_answers(port: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_files_written_like_comfyui_reach_the_bucket_byte_identical(
     make_stack: Callable[..., Stack], s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
@@ -345,6 +344,7 @@ def test_files_written_like_comfyui_reach_the_bucket_byte_identical(
     )
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_sidecar_is_restarted_and_loses_nothing(
     make_stack: Callable[..., Stack], s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
@@ -374,6 +374,7 @@ def test_kill_9_of_the_sidecar_is_restarted_and_loses_nothing(
     assert_bucket_holds(s3_server, bucket, expected, stack)
 
 
+@pytest.mark.slow
 def test_sigterm_drains_within_budget_and_pending_files_upload_after_restart(
     make_stack: Callable[..., Stack], s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
@@ -418,6 +419,7 @@ def test_sigterm_drains_within_budget_and_pending_files_upload_after_restart(
     assert_bucket_holds(s3_server, bucket, expected, second)
 
 
+@pytest.mark.slow
 def test_sidecar_stdout_under_supervisord_is_json_lines(
     make_stack: Callable[..., Stack], s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
