@@ -57,14 +57,11 @@ if [[ $# -gt 0 ]]; then
   exec "$@"
 fi
 
-# Refuse a bad configuration before anything starts: `sidecar config` prints the variable and what is
-# wrong on one line and exits 2. SIDECAR_BIN may hold arguments ("python -m sidecar" in the tests).
+# Refuse a bad configuration before anything starts: `sidecar check --offline` validates everything
+# `sidecar run` needs (bucket included) without a request, prints the variable and what is wrong on one
+# line and exits 2. SIDECAR_BIN may hold arguments ("python -m sidecar" in the tests).
 read -r -a sidecar_cmd <<<"$SIDECAR_BIN"
-"${sidecar_cmd[@]}" config >/dev/null || exit $?
-if [[ -z "${SIDECAR_BUCKET:-}" ]]; then
-  echo "sidecar: SIDECAR_BUCKET: required (the bucket to upload into)" >&2  # as `sidecar run` would say
-  exit 2
-fi
+"${sidecar_cmd[@]}" check --offline >/dev/null || exit $?
 
 mkdir -p -- "$SUPERVISOR_RUN_DIR"
 chmod 700 -- "$SUPERVISOR_RUN_DIR"

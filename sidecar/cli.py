@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="watch and upload until SIGTERM (the daemon)")
     sub.add_parser("scan", help="reconcile the tree, upload everything pending, exit 1 if anything failed")
-    sub.add_parser("check", help="validate the configuration and reach the bucket with one cheap request")
+    check = sub.add_parser("check", help="validate the configuration and reach the bucket with one cheap request")
+    check.add_argument("--offline", action="store_true",
+                       help="validate everything `run` needs (bucket included) without any request")
     sub.add_parser("config", help="print the effective configuration as JSON, secrets redacted")
     sub.add_parser("status", help="print the running daemon's /status")
     sub.add_parser("retry-failed", help="put every failed file back in the queue")
@@ -86,11 +88,14 @@ def cmd_config(_: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_check(_: argparse.Namespace) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
     from sidecar.store_s3 import S3Store, make_client  # noqa: PLC0415 - boto3 import only where needed
 
     settings = load_settings()
     settings.require_bucket()
+    if args.offline:
+        print(f"ok: configuration valid for bucket {settings.bucket!r} (no request made)")
+        return EXIT_OK
     secrets = [s.get_secret_value() for s in (settings.access_key_id, settings.secret_access_key) if s]
     store = S3Store(make_client(settings), settings.bucket, secrets=secrets)
     try:
