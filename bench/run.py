@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Benchmark the sidecar daemon against what a user would run instead, in one run, on one local S3 server.
+
+    python bench/run.py [--quick] [--runs 3] [--only burst,steady,large,cold,idle] [--peers sidecar,rclone,...]
+
+Installs what is missing (bench/setup.sh), starts localbucket on a tmpfs, runs every workload against
+every tool, prints the tables and writes them to bench/results/latest.md (plus latest.json). Nothing is
+asserted: the numbers are reported. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+import contenders  # noqa: E402
+import machine  # noqa: E402
+import report  # noqa: E402
+import targets  # noqa: E402
+import wl_burst  # noqa: E402
+import wl_cold  # noqa: E402
+import wl_idle  # noqa: E402
+import wl_large  # noqa: E402
+import wl_steady  # noqa: E402
+from harness import Sample  # noqa: E402
+from lbserver import LocalBucket  # noqa: E402
+
+WORKLOADS = {m.NAME: m for m in (wl_burst, wl_steady, wl_large, wl_cold, wl_idle)}
+TITLES = {
+    "burst": "1 · Burst: 1,000 x 200 KB written as fast as possible",
+    "steady": "2 · Steady stream, ComfyUI-like: 0.5-3 MB files at 4/s, written in place in 8 chunks",
+    "large": "3 · Large file",
+    "cold": "4 · Cold start over a big tree of already-uploaded files",
+    "idle": "5 · Idle",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller workloads, 1 run (about 5 minutes)")
+    p.add_argument("--runs", type=int, help="runs per workload (default 3, --quick 1)")
+    p.add_argument("--only", default=",".join(WORKLOADS), help="workloads, comma-separated")
+    p.add_argument("--peers", default="", help="tools, comma-separated (default: each workload's own list)")
+    p.add_argument("--no-sidecar", action="store_true", help="leave the daemon out")
+    p.add_argument("--sidecar-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the daemon, e.g. SIDECAR_SETTLE_S=0.1 (repeatable)")
+    p.add_argument("--output", type=Path, default=BENCH / "results" / "latest.md")
+    p.add_argument("--work-dir", type=Path, help="scratch folder (default: a new one under /var/tmp)")
+    p.add_argument("--keep-work", action="store_true", help="keep the scratch folder (tool logs) afterwards")
+    args = p.parse_args(argv)
+    args.runs = args.runs or (1 if args.quick else 3)
+    args.only = [w for w in args.only.split(",") if w]
+    unknown = set(args.only) - set(WORKLOADS)
+    if unknown:
+        p.error(f"unknown workload(s) {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
+    args.peers = [x for x in args.peers.split(",") if x]
+    if set(args.peers) - set(contenders.PEERS):
+        p.error(f"unknown tool(s) {sorted(set(args.peers) - set(contenders.PEERS))}; "
+                f"choose from {', '.join(contenders.PEERS)}")
+    return args
+
+
+def ensure_tools() -> dict[str, str]:
+    """Paths of the tools, running bench/setup.sh first if any is missing."""
+    def find() -> dict[str, str]:
+        bindir = str(Path(sys.executable).parent)  # the real aws script, not a pyenv shim (it costs CPU)
+        found = {"aws": shutil.which("aws", path=bindir + os.pathsep + os.environ.get("PATH", "")) or "",
+                 "rclone": shutil.which("rclone") or "", "inotifywait": shutil.which("inotifywait") or ""}
+        for module in ("localbucket", "boto3", "awscli"):
+            found[module] = "ok" if _importable(module) else ""
+        return found
+
+    tools = find()
+    if not all(tools.values()):
+        print(f"bench: installing {[k for k, v in tools.items() if not v]} via bench/setup.sh", file=sys.stderr)
+        subprocess.run(["bash", str(BENCH / "setup.sh")], check=True, env={**os.environ, "PYTHON": sys.executable})
+        tools = find()
+    missing = [k for k, v in tools.items() if not v]
+    if missing:
+        sys.exit(f"bench: still missing {missing} after bench/setup.sh")
+    return tools
+
+
+def _importable(module: str) -> bool:
+    return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, check=False).returncode == 0
+
+
+def sidecar_runs() -> str:
+    """The daemon's --version line, or '' if it cannot start from this work tree yet."""
+    r = subprocess.run([sys.executable, "-m", "sidecar", "--version"], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60, check=False)
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+
+def peers_for(name: str, args: argparse.Namespace, with_sidecar: bool) -> list[str]:
+    module = WORKLOADS[name]
+    default = getattr(module, "QUICK_PEERS", module.DEFAULT_PEERS) if args.quick else module.DEFAULT_PEERS
+    chosen = [p for p in default if not args.peers or p in args.peers]
+    return [p for p in chosen if with_sidecar or p != "sidecar"]
+
+
+def progress(workload: str, s: Sample) -> None:
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in s.metrics.items())
+    print(f"  {workload:6} {s.peer:24} run {s.run}: {shown}  {s.note[:160]}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tools = ensure_tools()
+    version = sidecar_runs()
+    with_sidecar = bool(version) and not args.no_sidecar
+    if not version and not args.no_sidecar:
+        print("bench: `python -m sidecar --version` fails in this work tree: running without the daemon",
+              file=sys.stderr)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="sidecar-bench-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    server = LocalBucket(work)
+    started = datetime.now(UTC)
+    info = machine.describe(tools, version or "not runnable in this work tree", REPO)
+    results: dict[str, list[Sample]] = {}
+    t0 = time.monotonic()
+    server.start()
+    try:
+        ctx = contenders.Ctx(repo=REPO, bench=BENCH, work=work, server=server, quick=args.quick,
+                             aws=tools["aws"], rclone=tools["rclone"], inotifywait=tools["inotifywait"],
+                             sidecar_env=dict(kv.split("=", 1) for kv in args.sidecar_env))
+        ctx.write_tool_configs()
+        info["server"] = f"localbucket on 127.0.0.1, data on {server.storage}"
+        for name in args.only:
+            peers = peers_for(name, args, with_sidecar)
+            print(f"bench: {name} x {args.runs} run(s): {', '.join(peers)}", file=sys.stderr, flush=True)
+            w0 = time.monotonic()
+            results[name] = WORKLOADS[name].run(ctx, peers, args.runs, progress)
+            print(f"bench: {name} took {time.monotonic() - w0:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        server.stop()
+        if not args.keep_work and not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    info["duration"] = f"{time.monotonic() - t0:.0f} s"
+    markdown = render(args, info, started, results)
+    print(markdown)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(markdown)
+    args.output.with_suffix(".json").write_text(json.dumps(
+        {"started": started.isoformat(), "info": info, "argv": sys.argv[1:],
+         "samples": {k: [s.as_json() for s in v] for k, v in results.items()}}, indent=1))
+    print(f"bench: wrote {args.output} and {args.output.with_suffix('.json').name}", file=sys.stderr)
+    return 0
+
+
+def render(args: argparse.Namespace, info: dict[str, str], started: datetime,
+           results: dict[str, list[Sample]]) -> str:
+    aggs = {name: report.aggregate(samples) for name, samples in results.items()}
+    mode = "quick" if args.quick else "full"
+    out = [f"# Benchmark results — {started.strftime('%Y-%m-%d %H:%M UTC')}", "",
+           f"`python bench/run.py {' '.join(sys.argv[1:])}` · {mode} mode · {args.runs} run(s) per tool, "
+           "cells are median (min-max) · generated by bench/run.py; see bench/README.md for the method.", "",
+           machine.markdown(info), ""]
+    if "sidecar" in {p for samples in results.values() for p in (s.peer for s in samples)}:
+        out += ["## Where the daemon stands (issue 6 targets)", "",
+                report.table(["target", "sidecar", "limit", "verdict"], targets.rows(aggs)), ""]
+    for name, agg in aggs.items():
+        title = TITLES[name]
+        if name == "large":
+            title += f": one {'256 MiB' if args.quick else '1 GiB'} file"
+        if name == "cold":
+            title += f": {'10,000' if args.quick else '100,000'} files"
+        if name == "idle":
+            title += f": {'15' if args.quick else '60'} s, every tool at once"
+        if name == "steady":
+            title += f", for {'15' if args.quick else '60'} s"
+        out += [f"## {title}", "", report.TABLES[name](agg), ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Workload 5, idle: 60 s (--quick: 15 s) with nothing to upload → CPU % of one core, RSS, requests/min.
+
+Every watching tool runs at once, each on its own empty folder and bucket, after a warm-up: an idle tool
+barely competes for CPU, and the loops' cost per pass does not depend on the others. For the daemon the
+resident memory is read at the start and at the end of the window, to show growth.
+"""
+
+from __future__ import annotations
+
+import time
+
+import proctree
+from contenders import Ctx, Running, start_watcher
+from harness import Sample, fresh_dir, request_summary
+
+NAME = "idle"
+DEFAULT_PEERS = ["sidecar", "rclone", "rclone-fast", "aws-sync", "aws-cp", "inotify"]
+WARMUP_S = 3.0
+
+
+def run(ctx: Ctx, peers: list[str], runs: int, log: callable) -> list[Sample]:  # type: ignore[valid-type]
+    seconds = 15.0 if ctx.quick else 60.0
+    samples = []
+    for r in range(runs):
+        started: dict[str, tuple[Running, str]] = {}
+        try:
+            for peer in peers:
+                bucket = ctx.server.new_bucket(f"idle-{peer}-{r}")
+                watch = fresh_dir(ctx.work / "idle" / peer)
+                started[peer] = (start_watcher(ctx, peer, watch, bucket, fresh_dir(ctx.work / "state" / bucket)),
+                                 bucket)
+            time.sleep(WARMUP_S)
+            samplers = {p: proctree.Sampler(run.pid) for p, (run, _) in started.items()}
+            before = {p: (run.cpu_s(), ctx.server.requests(b), proctree.vm_hwm(run.pid, "VmRSS"))
+                      for p, (run, b) in started.items()}
+            for s in samplers.values():
+                s.start()
+            t0 = time.monotonic()
+            time.sleep(seconds)
+            wall = time.monotonic() - t0
+            for peer, (running, bucket) in started.items():
+                cpu0, req0, rss0 = before[peer]
+                sampler = samplers[peer].stop()
+                requests = ctx.server.requests(bucket) - req0
+                rss1 = proctree.vm_hwm(running.pid, "VmRSS")
+                sample = Sample(peer=peer, run=r, requests=requests)
+                sample.metrics = {
+                    "cpu_pct": 100 * (running.cpu_s() - cpu0) / wall,
+                    "rss_mb": max(sampler.peak_rss, rss1) / 2**20,
+                    "rss_growth_mb": (rss1 - rss0) / 2**20,
+                    "requests_per_min": sum(requests.values()) * 60 / wall,
+                }
+                sample.note = request_summary(requests, 1)[1]
+                log(NAME, sample)
+                samples.append(sample)
+        finally:
+            for running, bucket in started.values():
+                running.stop()
+                ctx.server.drop_bucket(bucket)
+    return samples
