@@ -22,6 +22,7 @@ from sidecar.filters import PathFilter
 from sidecar.health import Canary
 from sidecar.journal import FAILED, PENDING, UPLOADED, Candidate, Journal
 from sidecar.keys import KeyBuilder, path_text
+from sidecar.logs import RateLimitedLog
 from sidecar.metrics import JournalCollector, Metrics
 from sidecar.scanner import Scanner
 from sidecar.settle import Settler
@@ -33,7 +34,12 @@ from sidecar.watcher import Watcher
 log = structlog.get_logger("sidecar.daemon")
 
 CHECK_EVERY_S = 2.0
+PROBE_EVERY_S = 5.0  # HeadBucket cadence while the store is believed down; never sent while it is fine
 EVENT_SOURCES = {"close": "event", "create": "event", "move": "event", "scan": "scan"}
+# Answers that mean the bucket is reachable but unusable with this configuration (credentials, permissions,
+# bucket name). A 404 is only such an answer where no key is involved; HeadObject's 404 is routine.
+BROKEN_STATUSES = frozenset({"401", "403"})
+BUCKET_OPERATIONS = frozenset({"HeadBucket", "PutObject", "CreateMultipartUpload"})
 
 
 class Daemon:
@@ -65,6 +71,7 @@ class Daemon:
         self.scanner = Scanner(self.root, journal=self.journal, path_filter=self.filter, offer=self.settler.offer)
         self.watcher = Watcher(self.root, on_path=self._on_path, on_dir=self._on_dir, on_overflow=self._on_overflow)
         self.canary = Canary(self.root)
+        self._watcher_log = RateLimitedLog(log, interval_s=60.0)  # a root that stays unusable retries every 2 s
         self._stop = threading.Event()
         self._scan_wanted = threading.Event()
         self._dirs_wanted: set[bytes] = set()
@@ -73,13 +80,21 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self.last_scan: dict[str, Any] = {}
         self.store_ok: bool | None = None
+        self.store_problem = ""
+        self._last_request_at = 0.0
+        self._probe: threading.Thread | None = None
         self.http: Any = None
 
     # -- wiring callbacks ------------------------------------------------------------------------------
 
     def _on_request(self, operation: str, status: str) -> None:
+        """Every HTTP attempt to the store: count it and judge the store by its answer (see ready())."""
         self.metrics.s3_requests.labels(operation=operation, status=status).inc()
-        self.store_ok = status != "error" and not status.startswith("5")
+        self._last_request_at = time.monotonic()
+        reachable = status != "error" and not status.startswith("5")
+        broken = status in BROKEN_STATUSES or (status == "404" and operation in BUCKET_OPERATIONS)
+        self.store_ok = reachable and not broken
+        self.store_problem = "" if self.store_ok else f"{operation} answered {status}"
 
     def _on_path(self, rel: bytes, source: str) -> None:
         if self.canary.matches(rel):
@@ -152,6 +167,7 @@ class Daemon:
                     for rel in sorted(dirs):
                         self.scan("folder", rel)
                 self._check_watcher()
+                self._probe_store()
             except SidecarError:
                 log.exception("maintenance_failed")
             except OSError as exc:
@@ -161,13 +177,54 @@ class Daemon:
         """Prove the watcher delivers events; rebuild it (and rescan) when it has gone deaf."""
         if self.watcher.mode == "none":
             return
+        was_healthy = self.canary.healthy
         verdict = self.canary.check(self.watcher.is_alive(), grace_s=self._canary_grace())
-        self.metrics.watcher_up.set(1 if verdict != "deaf" else 0)
         if verdict == "deaf":
-            log.warning("watcher_degraded", reason="canary event did not arrive", mode=self.watcher.mode)
+            if was_healthy:
+                log.warning("watcher_degraded", reason=self.canary.reason, mode=self.watcher.mode)
+            self._restart_watcher(self.canary.reason)
+        elif verdict == "ok":
+            self._watcher_log.recovered("watcher_recovered", mode=self.watcher.mode)
+        self.metrics.watcher_up.set(1 if self.canary.healthy else 0)
+
+    def _restart_watcher(self, reason: str) -> None:
+        """Rebuild the observer, re-arm the canary and rescan; a root that cannot be watched stays deaf."""
+        self.metrics.watcher_restarts.labels(reason=reason).inc()
+        try:
             self.watcher.restart()
+            self.canary.arm()  # after the new watch exists, or its event can never come back
+        except OSError as exc:
+            self._watcher_log.error("watcher_restart_failed", reason=reason, path=str(self.root),
+                                    error=exc.strerror or str(exc))
+            return
+        finally:
             self._set_mode_metric()
-            self.request_scan("watcher_restart")
+        self.request_scan("watcher_restart")
+
+    def _probe_store(self) -> None:
+        """While the store is believed down and nothing else talks to it, one HeadBucket per PROBE_EVERY_S.
+
+        At rest with a healthy store nothing is sent (no idle requests). The probe runs on its own thread
+        so a hanging store cannot stall the watcher checks; its answer reaches store_ok via _on_request.
+        """
+        if self.store_ok is not False or time.monotonic() - self._last_request_at < PROBE_EVERY_S:
+            return
+        if self._probe is not None and self._probe.is_alive():
+            return
+        self._last_request_at = time.monotonic()  # also paces probes that never reach the wire
+        self._probe = threading.Thread(target=self._probe_once, name="store-probe", daemon=True)
+        self._probe.start()
+
+    def _probe_once(self) -> None:
+        # The uploader sets sidecar_store_reachable from its attempts; the probe speaks for the idle time.
+        try:
+            self.store.check()
+        except StoreError as exc:
+            self.metrics.store_reachable.set(0 if exc.transient else 1)
+            log.debug("store_probe_failed", error=str(exc), error_class=exc.error_class)
+            return
+        self.metrics.store_reachable.set(1)
+        log.info("store_probe_succeeded")
 
     def _canary_grace(self) -> float:
         return 3.0 if self.watcher.mode == "inotify" else 4 * 2.0
@@ -182,10 +239,14 @@ class Daemon:
         """Liveness: every loop thread runs and the watcher canary comes back."""
         threads = {t.name: t.is_alive() for t in self._threads}
         threads.update(uploader=self.uploader.alive())
-        watcher_ok = self.watcher.mode == "none" or (self.watcher.is_alive() and self.canary.healthy)
+        watching = self.watcher.mode != "none"
+        alive, intact = self.watcher.is_alive(), self.canary.root_intact()
+        watcher_ok = not watching or (alive and intact and self.canary.healthy)
         ok = all(threads.values()) and watcher_ok
-        return ok, {"threads": threads, "watcher": {"mode": self.watcher.mode, "alive": self.watcher.is_alive(),
-                                                    "canary": self.canary.verdict}}
+        watcher = {"mode": self.watcher.mode, "alive": alive, "root_intact": intact, "canary": self.canary.verdict}
+        if watching and not watcher_ok:
+            watcher["reason"] = self.canary.reason or ("root_replaced" if not intact else "thread_stopped")
+        return ok, {"threads": threads, "watcher": watcher}
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """Readiness: journal answers, watcher healthy, the store answered at the last attempt."""
@@ -196,7 +257,10 @@ class Daemon:
             journal_ok = False
         live, _ = self.health()
         store_ok = self.store_ok is not False
-        return journal_ok and live and store_ok, {"journal": journal_ok, "watcher": live, "store": store_ok}
+        details: dict[str, Any] = {"journal": journal_ok, "watcher": live, "store": store_ok}
+        if not store_ok:
+            details["store_problem"] = self.store_problem
+        return journal_ok and live and store_ok, details
 
     def status(self) -> dict[str, Any]:
         """A JSON-able summary for humans and scripts. Secrets are redacted."""
@@ -215,7 +279,8 @@ class Daemon:
             "settling": len(self.settler),
             "watcher": {"mode": self.watcher.mode, "canary": self.canary.verdict,
                         "degraded_reason": self.watcher.degraded_reason},
-            "store": {"endpoint": self.store.endpoint, "bucket": self.settings.bucket, "reachable": self.store_ok},
+            "store": {"endpoint": self.store.endpoint, "bucket": self.settings.bucket, "reachable": self.store_ok,
+                      "problem": self.store_problem},
             "last_scan": self.last_scan,
             "config": self.settings.redacted(),
         }
@@ -252,7 +317,7 @@ class Daemon:
             self.watcher.start()
             self._set_mode_metric()
             self.metrics.watcher_up.set(1)
-            self.canary.write()
+            self.canary.arm()
         self.request_scan("startup")
         self._spawn("maintenance", self._maintenance)
         log.info("daemon_started", watcher_mode=self.watcher.mode, workers=self.settings.workers)
@@ -277,4 +342,5 @@ class Daemon:
         return drained
 
     def close(self) -> None:
+        self.canary.close()
         self.journal.close()

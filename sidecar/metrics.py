@@ -14,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
+from sidecar.health import REASONS
 
 OUTCOMES = ("uploaded", "existing", "unchanged", "retry", "failed", "skipped", "changed")
 SIZE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
@@ -72,6 +73,10 @@ class Metrics:
             "sidecar_watcher_mode", "1 for the active watcher mode (inotify or polling).", ["mode"],
             registry=registry,
         )
+        self.watcher_restarts = Counter(
+            "sidecar_watcher_restarts_total", "Watcher rebuild attempts after it was found deaf, by reason.",
+            ["reason"], registry=registry,
+        )
         self.watcher_overflows = Counter(
             "sidecar_watcher_overflows_total", "Kernel inotify queue overflows seen.", registry=registry,
         )
@@ -92,6 +97,8 @@ class Metrics:
             self.uploads.labels(outcome=outcome)
         for source in ("event", "scan"):
             self.files_discovered.labels(source=source)
+        for reason in REASONS:
+            self.watcher_restarts.labels(reason=reason)
 
 
 QueueStats = dict[str, tuple[int, int]]

@@ -30,6 +30,7 @@ from tenacity import (
 from sidecar.errors import JournalError, SourceFileError, StoreError, TransientStoreError
 from sidecar.journal import FileRow, Journal
 from sidecar.keys import path_text
+from sidecar.logs import RateLimitedLog
 from sidecar.metrics import Metrics
 from sidecar.transfer import FileChanged, Result, Retry, Transfer
 
@@ -38,6 +39,8 @@ T = TypeVar("T")
 
 FAST_ATTEMPTS = 3
 PROGRESS_EVERY_S = 5.0
+OUTAGE_LOG_EVERY_S = 60.0
+OUTAGE_CODES = frozenset({"ConnectionError", "Timeout", "InternalError", "ServiceUnavailable"})
 
 
 def backoff(attempt: int, *, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
@@ -92,7 +95,8 @@ class Breaker:
 
 
 def _is_outage(exc: StoreError) -> bool:
-    return exc.code in ("ConnectionError", "Timeout") or exc.code.startswith("5")
+    # A 5xx with an S3 error document carries its code (InternalError, ServiceUnavailable), not the status.
+    return exc.code in OUTAGE_CODES or exc.code.startswith("5")
 
 
 class Uploader:
@@ -123,6 +127,9 @@ class Uploader:
         self._idle = threading.Condition(self._lock)
         self._threads: list[threading.Thread] = []
         self.breaker = Breaker(policy, time.monotonic)
+        # One streak for the whole store: during an outage every file fails the same way. Per-attempt
+        # upload_retry_scheduled lines stay; this error summary is logged at most once a minute.
+        self._outage_log = RateLimitedLog(log, interval_s=OUTAGE_LOG_EVERY_S)
         self.last_key = ""
         self._progress = threading.local()
         self._transfer = transfer_factory(self.retry, self._on_progress)
@@ -197,8 +204,8 @@ class Uploader:
     def _succeeded(self, row: FileRow, result: Result, duration: float) -> None:
         self._journal.mark_uploaded(row.id, size=result.size, mtime_ns=result.mtime_ns, md5=result.md5,
                                     key=result.key, etag=result.etag)
-        if self.breaker.record(reachable=True):
-            log.info("store_recovered", key=result.key)
+        self.breaker.record(reachable=True)
+        self._outage_log.recovered("store_recovered", key=result.key)  # once, only after an outage
         self._metrics.store_reachable.set(1)
         if result.outcome == "unchanged":
             log.info("upload_unchanged", path=path_text(row.path), key=result.key)
@@ -232,8 +239,12 @@ class Uploader:
         rel = path_text(row.path)
         attempt = row.attempts + 1
         if exc.transient:
-            self.breaker.record(reachable=not _is_outage(exc))
-            self._metrics.store_reachable.set(0 if _is_outage(exc) else 1)
+            outage = _is_outage(exc)
+            self.breaker.record(reachable=not outage)
+            self._metrics.store_reachable.set(0 if outage else 1)
+            if outage:
+                self._outage_log.error("store_unavailable", operation=exc.operation, error=str(exc),
+                                       error_class=exc.error_class)
         if exc.transient and attempt < self._policy.max_attempts:
             delay = backoff(attempt, base=self._policy.base_s, cap=self._policy.cap_s)
             self._journal.mark_retry(row.id, error=str(exc), error_class=exc.error_class, delay_s=delay)
