@@ -39,6 +39,10 @@ def rows(aggs: Aggs) -> list[list[str]]:
     add("burst files/s ≥ best rclone", fps, "≥", best(burst, RCLONES, "files_per_s"), 0, "files/s")
     add("burst files/s ≥ 0.9 x raw boto3", fps, "≥", 0.9 * _get(aggs, "burst", "boto3", "files_per_s"), 0,
         "files/s")
+    same_form = _get(aggs, "burst", "boto3-md5", "files_per_s")
+    if not math.isnan(same_form):
+        out.append(["(info) burst files/s vs raw boto3 in the daemon's own request form (Content-MD5)",
+                     f"{num(fps, 0)} files/s", f"{num(same_form, 0)} files/s = {fps / same_form:.2f}x", "info"])
     cpu = _get(aggs, "burst", "sidecar", "cpu_s_per_1000")
     add("CPU per file ≤ rclone's (burst)", cpu, "≤", best(burst, RCLONES, "cpu_s_per_1000", min), 2, "CPU s/1000")
     per_process = _get(aggs, "burst", "inotify", "cpu_s_per_1000")
