@@ -334,6 +334,11 @@ class Daemon:
         self._scan_wanted.set()
         self.watcher.stop()
         drained = self.uploader.stop(max(0.0, deadline - time.monotonic()))
+        if not drained:  # uploads cut by the deadline go back to pending now, not only at the next start
+            try:
+                self.journal.reset_inflight()
+            except SidecarError as exc:  # the next start does it anyway
+                log.warning("journal_requeue_failed", error=str(exc))
         if self.http is not None:
             self.http.stop(timeout_s=0.5)
         stats = self.journal.stats()
