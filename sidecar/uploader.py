@@ -39,6 +39,7 @@ T = TypeVar("T")
 
 FAST_ATTEMPTS = 3
 PROGRESS_EVERY_S = 5.0
+JOURNAL_RETRY_S = 1.0
 OUTAGE_LOG_EVERY_S = 60.0
 OUTAGE_CODES = frozenset({"ConnectionError", "Timeout", "InternalError", "ServiceUnavailable"})
 
@@ -124,6 +125,7 @@ class Uploader:
         self._queue: queue.Queue[FileRow | None] = queue.Queue()
         self._lock = threading.Lock()
         self._inflight = 0
+        self._stranded: set[int] = set()  # claimed rows whose outcome the journal refused
         self._idle = threading.Condition(self._lock)
         self._threads: list[threading.Thread] = []
         self.breaker = Breaker(policy, time.monotonic)
@@ -169,6 +171,7 @@ class Uploader:
         """Claim as many due rows as there are idle workers (and the breaker allows); queue them."""
         if self._stopping.is_set():
             return 0
+        self._release_stranded()
         with self._lock:
             free = self._workers - self._inflight
         allowed = self.breaker.allowance(free)
@@ -180,6 +183,20 @@ class Uploader:
         for row in rows:
             self._queue.put(row)
         return len(rows)
+
+    def _release_stranded(self) -> None:
+        """Rows whose outcome could not be written (journal full) go back to pending once it takes writes again.
+
+        Left alone they would stay ``uploading`` until the next start. Uploading them again is safe: a key we
+        already wrote answers 412 and a HEAD shows our MD5.
+        """
+        with self._lock:
+            stranded = sorted(self._stranded)
+        for row_id in stranded:
+            self._journal.mark_retry(row_id, error="the journal refused the outcome of the last attempt",
+                                     error_class="JournalError", delay_s=0, count=False)
+            with self._lock:
+                self._stranded.discard(row_id)
 
     def process(self, row: FileRow) -> str:
         """Upload one claimed row and record the outcome in the journal; returns the outcome label."""
@@ -267,6 +284,8 @@ class Uploader:
             try:
                 self.process(row)
             except JournalError:
+                with self._lock:
+                    self._stranded.add(row.id)
                 log.exception("journal_write_failed", path=path_text(row.path))
             except Exception:
                 log.exception("upload_crashed", path=path_text(row.path))
@@ -282,7 +301,8 @@ class Uploader:
                 claimed = self.run_once()
             except JournalError:
                 log.exception("journal_read_failed")
-                claimed = 0
+                self._wake.wait(timeout=JOURNAL_RETRY_S)  # a full or broken journal: do not spin on it
+                continue
             if claimed:
                 continue
             due = self._journal_due()
