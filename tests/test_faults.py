@@ -1,0 +1,445 @@
+"""Faults: the store failing in every way a network can, the daemon killed at random, the journal's disk
+filling up or its file going bad, and the kernel's inotify giving out. The daemon is ``sidecar run`` as a real
+process talking to moto through the strict R2 proxy over https; faults come from the proxy, from signals and
+from the kernel. Every test ends with :meth:`Rig.audit`: every file in the bucket byte-identical to its final
+version on disk, no torn object, duplicates counted, and the errors the operator saw counted."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.faults import (
+    MIB,
+    Rig,
+    accepted_puts,
+    journal_rows,
+    metric,
+    scrape,
+    states,
+    userns_available,
+    userns_prefix,
+)
+from support.proxy import R2Proxy, RecordedRequest
+from support.s3server import S3Server
+from support.waiting import wait_until
+
+OUTAGE_RETRIES = int(os.environ.get("SIDECAR_OUTAGE_RETRIES", "6"))  # journal-layer retries seen during the outage
+
+
+@pytest.fixture
+def rig(tmp_path: Path, s3_server: S3Server, r2_proxy: R2Proxy, bucket: str) -> Iterator[Rig]:
+    """A watched folder, a state folder and a bucket behind the strict https proxy; daemons stopped after."""
+    r = Rig(tmp_path, s3_server, bucket, proxy=r2_proxy)
+    yield r
+    r.close()
+
+
+def payload(rng: random.Random, low: int = 500, high: int = 12_000) -> bytes:
+    """Small unique content (moto keeps every object in RAM)."""
+    return rng.randbytes(rng.randint(low, high))
+
+
+class Stream:
+    """A writer thread producing one new file every ``every_s`` until stopped, like a pod mid-queue."""
+
+    def __init__(self, rig: Rig, prefix: str, every_s: float, seed: int) -> None:
+        self.rig = rig
+        self.prefix = prefix
+        self.every_s = every_s
+        self.rng = random.Random(seed)
+        self.written: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            rel = f"{self.prefix}ComfyUI_{n:05d}_.png"
+            self.rig.write(rel, payload(self.rng))
+            self.written.append(rel)
+            n += 1
+            self._stop.wait(self.every_s)  # the pace of the producer, not a wait for a condition
+
+    def __enter__(self) -> Stream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def is_put(r: RecordedRequest) -> bool:
+    return r.operation == "PutObject"
+
+
+def one_accepted_put_per_file(rig: Rig) -> None:
+    assert rig.proxy is not None
+    assert accepted_puts(rig.proxy) == Counter(set(rig.expected())), "a key was written more than once (or never)"
+
+
+# -- the store misbehaves ------------------------------------------------------------------------------------------
+
+
+def test_outage_during_a_steady_stream_loses_nothing(rig: Rig) -> None:
+    """S3 unreachable under a steady stream: files wait as pending, the outage is visible, then all upload once."""
+    assert rig.proxy is not None
+    daemon = rig.start()
+    with Stream(rig, "steady/", every_s=0.04, seed=1) as stream:
+        wait_until(lambda: len(accepted_puts(rig.proxy)) >= 5, timeout=20, message=rig.output)  # type: ignore[arg-type]
+        rig.proxy.down()
+        before = len(stream.written)
+
+        def outage_seen() -> bool:
+            retries = [e for e in daemon.events("upload_retry_scheduled") if e.get("layer") == "journal"]
+            return len(retries) >= OUTAGE_RETRIES and len(stream.written) >= before + 40
+
+        wait_until(outage_seen, timeout=60, message=rig.output)
+        samples = scrape(daemon)
+        assert metric(samples, "sidecar_store_reachable") == 0
+        assert metric(samples, "sidecar_upload_retries_total", error_class="ConnectionError") > 0
+        assert metric(samples, "sidecar_queue_files", state="pending") > 0
+        rig.proxy.up()
+        wait_until(lambda: daemon.events("store_recovered"), timeout=30, message=rig.output)
+    rig.wait_in_bucket(stream.written)
+    rig.wait_idle(daemon)
+
+    assert daemon.is_running()
+    assert metric(scrape(daemon), "sidecar_store_reachable") == 1
+    assert states(rig.journal()) == {"uploaded": len(stream.written)}
+    one_accepted_put_per_file(rig)
+    tally = rig.audit("S3 outage during a steady stream", outage_files=len(stream.written) - before)
+    assert tally.duplicate_puts == 0 and tally.variant_objects == 0
+    assert tally.errors_reported >= OUTAGE_RETRIES
+
+
+def test_throttling_storm_of_503_429_and_500_is_ridden_out(rig: Rig) -> None:
+    """A storm of 503 SlowDown, 429 and 500 answers: every file still arrives once, each error class is counted."""
+    assert rig.proxy is not None
+    rig.proxy.fail_next(20, status=503, code="SlowDown", message="Reduce your request rate", when=is_put)
+    rig.proxy.fail_next(20, status=429, code="TooManyRequests", message="Too many requests", when=is_put)
+    rig.proxy.fail_next(10, status=500, code="InternalError", message="We encountered an internal error", when=is_put)
+    daemon = rig.start()
+    rng = random.Random(2)
+    rels = [rig.write(f"storm/img_{i:03d}.png", payload(rng)) for i in range(30)]
+    rig.wait_in_bucket(rels, timeout=60)
+    rig.wait_idle(daemon)
+
+    faulted = Counter(r.error_code for r in rig.proxy.puts() if r.origin == "fault")
+    assert faulted == {"SlowDown": 20, "TooManyRequests": 20, "InternalError": 10}
+    samples = scrape(daemon)
+    for code in ("SlowDown", "TooManyRequests", "InternalError"):
+        assert metric(samples, "sidecar_upload_retries_total", error_class=code) > 0, code
+    assert metric(samples, "sidecar_uploads_total", outcome="failed") == 0
+    assert states(rig.journal()) == {"uploaded": 30}
+    one_accepted_put_per_file(rig)
+    tally = rig.audit("Throttling storm (20x 503 SlowDown, 20x 429, 10x 500)")
+    assert tally.duplicate_puts == 0 and tally.errors_reported > 0
+
+
+def test_slow_store_within_the_timeout_costs_time_not_retries(rig: Rig) -> None:
+    """Every request answered 0.5 s late (within the read timeout): all files arrive with no retry and one PUT each."""
+    assert rig.proxy is not None
+    rig.proxy.delay(0.5)
+    daemon = rig.start(workers=4)
+    rng = random.Random(3)
+    rels = [rig.write(f"slow/img_{i:03d}.png", payload(rng)) for i in range(12)]
+    rig.wait_in_bucket(rels)
+    rig.wait_idle(daemon)
+
+    assert not daemon.events("upload_retry_scheduled")
+    assert Counter(r.operation for r in rig.proxy.requests) == {"PutObject": 12}
+    tally = rig.audit("Slow store (every request +0.5 s)")
+    assert tally.duplicate_puts == 0 and tally.errors_reported == 0
+
+
+def test_store_slower_than_the_read_timeout_never_overwrites(rig: Rig) -> None:
+    """Answers later than the read timeout: the late PUTs land, retries get 412, a HEAD settles it; no overwrite."""
+    assert rig.proxy is not None
+    rig.proxy.delay(1.5, when=is_put)
+    daemon = rig.start(read_timeout_s=0.5, workers=2)
+    rng = random.Random(4)
+    for i in range(4):
+        rig.write(f"late/img_{i:03d}.png", payload(rng))
+
+    def retried_after_landing() -> bool:
+        landed = {r.key for r in rig.proxy.puts() if r.status == 200}  # type: ignore[union-attr]
+        refused = {r.key for r in rig.proxy.puts() if r.status == 412}  # type: ignore[union-attr]
+        return len(landed) == 4 and len(refused) >= 1
+
+    wait_until(retried_after_landing, timeout=60, message=rig.output)
+    rig.proxy.delay(0)
+    rig.wait_idle(daemon)
+
+    assert accepted_puts(rig.proxy) == Counter(set(rig.expected()))  # each key written exactly once
+    assert {r.status for r in rig.proxy.puts()} <= {200, 412}
+    timeouts = [e for e in daemon.events("upload_retry_scheduled") if e.get("error_class") == "Timeout"]
+    assert timeouts
+    assert states(rig.journal()) == {"uploaded": 4}
+    outcomes = Counter(e["outcome"] for e in daemon.events("upload_succeeded"))
+    assert outcomes["existing"] >= 1  # recognised by 412 + HEAD with our MD5, not re-sent elsewhere
+    tally = rig.audit("Store slower than the read timeout (PUT +1.5 s, timeout 0.5 s)")
+    assert tally.variant_objects == 0
+    assert tally.duplicate_puts >= 1  # refused by If-None-Match: counted, never written
+
+
+def test_hung_store_is_escaped_by_timeouts_and_resumes_on_heal(rig: Rig) -> None:
+    """A store that accepts requests and never answers: timeouts keep the daemon alive, files upload after heal."""
+    assert rig.proxy is not None
+    rig.proxy.hang(when=is_put)
+    daemon = rig.start(read_timeout_s=0.5, connect_timeout_s=0.5)
+    rng = random.Random(5)
+    rels = [rig.write(f"hang/img_{i:03d}.png", payload(rng)) for i in range(10)]
+
+    def timing_out() -> bool:
+        return len([e for e in daemon.events("upload_retry_scheduled") if e.get("error_class") == "Timeout"]) >= 3
+
+    wait_until(timing_out, timeout=40, message=rig.output)
+    assert rig.keys() == set()
+    assert daemon.is_running()
+    rows = rig.journal()
+    assert {rows[rel].state for rel in rels} <= {"pending", "uploading"}
+    assert metric(scrape(daemon), "sidecar_upload_retries_total", error_class="Timeout") >= 3
+
+    rig.proxy.heal()
+    rig.wait_in_bucket(rels)
+    rig.wait_idle(daemon)
+    one_accepted_put_per_file(rig)
+    tally = rig.audit("Hung store (PUTs never answered; read timeout 0.5 s), then healed")
+    assert tally.duplicate_puts == 0
+
+
+def test_connection_reset_after_the_body_is_retried_for_puts_and_parts(rig: Rig) -> None:
+    """TCP resets after the body was sent, on PUTs and on multipart parts: every object completes, intact."""
+    assert rig.proxy is not None
+    rig.proxy.rules.min_part_size = 5 * MIB
+    rig.proxy.reset_next(6, when=is_put)
+    rig.proxy.reset_next(3, when=lambda r: r.operation == "UploadPart")
+    daemon = rig.start(multipart_threshold_mb=5, part_size_mb=5)
+    rng = random.Random(6)
+    rels = [rig.write(f"reset/img_{i:03d}.png", payload(rng)) for i in range(12)]
+    big = [rig.write(f"reset/clip_{i}.mp4", rng.randbytes(11 * MIB + i)) for i in range(2)]
+    rig.wait_in_bucket(rels + big, timeout=60)
+    rig.wait_idle(daemon)
+
+    resets = Counter(r.operation for r in rig.proxy.requests if r.status == "reset")
+    assert resets == {"PutObject": 6, "UploadPart": 3}
+    assert rig.s3.direct.list_multipart_uploads(Bucket=rig.bucket).get("Uploads", []) == []
+    assert metric(scrape(daemon), "sidecar_upload_retries_total", error_class="ConnectionError") > 0
+    assert states(rig.journal()) == {"uploaded": 14}
+    tally = rig.audit("Connection reset after the body (6 PUTs, 3 parts)")
+    assert tally.duplicate_puts == 0
+
+
+# -- the daemon is killed -------------------------------------------------------------------------------------------
+
+
+def test_kill_9_during_a_multipart_upload_completes_it_and_aborts_the_orphan(rig: Rig) -> None:
+    """SIGKILL between parts of a 16 MiB upload: after restart the object is complete and the orphan is aborted."""
+    assert rig.proxy is not None
+    rig.proxy.rules.min_part_size = 5 * MIB
+    rig.proxy.delay(0.6, when=lambda r: r.operation == "UploadPart")
+    settings = {"multipart_threshold_mb": 5, "part_size_mb": 5}
+    daemon = rig.start(**settings)
+    rel = rig.write("video/clip_00001_.mp4", random.Random(7).randbytes(16 * MIB + 12_345))
+
+    def part_landed() -> str | None:
+        row = rig.journal().get(rel)
+        done = [r for r in rig.proxy.parts() if r.status == 200]
+        return row.upload_id if row is not None and row.upload_id and done else None
+
+    upload_id = wait_until(part_landed, timeout=30, message=rig.output)
+    assert daemon.kill() == -signal.SIGKILL
+    open_uploads = rig.s3.direct.list_multipart_uploads(Bucket=rig.bucket).get("Uploads", [])
+    assert [u["UploadId"] for u in open_uploads] == [upload_id]
+
+    rig.proxy.delay(0)
+    daemon = rig.start(**settings)
+    rig.wait_in_bucket([rel])
+    rig.wait_idle(daemon)
+
+    assert rig.s3.direct.list_multipart_uploads(Bucket=rig.bucket).get("Uploads", []) == []
+    aborts = [r for r in rig.proxy.requests if r.operation == "AbortMultipartUpload"]
+    assert [(r.upload_id, r.status) for r in aborts] == [(upload_id, 204)]
+    assert [e["key"] for e in daemon.events("multipart_orphan_aborted")] == [rig.key(rel)]
+    row = rig.journal()[rel]
+    assert (row.state, row.upload_id) == ("uploaded", None)
+    completes = [r for r in rig.proxy.requests if r.operation == "CompleteMultipartUpload"]
+    assert [r.status for r in completes] == [200]
+    tally = rig.audit("kill -9 during a multipart upload (16 MiB, 5 MiB parts)")
+    assert tally.duplicate_puts == 0
+
+
+class Burster:
+    """Writer threads landing bursts like a GPU pod: batches of 8 files in new folders, written at once, via
+    tmp-then-rename, or in place in chunks with the descriptor held open (PIL), until stopped."""
+
+    def __init__(self, rig: Rig, seed: int) -> None:
+        self.rig = rig
+        self.rng = random.Random(seed)
+        self.written: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(lane,), daemon=True) for lane in range(2)]
+
+    def _one(self, rel: str, kind: str, data: bytes) -> None:
+        path = self.rig.path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.rig.remember(rel, data)
+        if kind == "tmp":
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        elif kind == "chunked":
+            with path.open("wb") as out:
+                for start in range(0, len(data), len(data) // 3 + 1):
+                    out.write(data[start : start + len(data) // 3 + 1])
+                    out.flush()
+                    self._stop.wait(0.03)  # the writer is still encoding: part of how this file is written
+        else:
+            path.write_bytes(data)
+
+    def _run(self, lane: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            for _ in range(8):
+                kind = self.rng.choice(("once", "once", "tmp", "chunked"))
+                rel = f"lane{lane}/batch_{n // 8:04d}/{kind}_{n:05d}_.png"
+                self._one(rel, kind, payload(self.rng, 300, 6_000))
+                self.written.append(rel)
+                n += 1
+            self._stop.wait(0.1)  # the pace of the producer
+
+    def __enter__(self) -> Burster:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+
+def kill_loop(rig: Rig, kills: int, seed: int, workers: int = 4) -> None:
+    """Kill -9 the daemon ``kills`` times at random moments of a burst, restart, and audit."""
+    assert rig.proxy is not None
+    rng = random.Random(seed)
+    rig.proxy.delay(0.03, when=is_put)  # keep uploads in flight, so kills land mid-request
+    inflight_at_kill: list[int] = []
+    moments: Counter[str] = Counter()
+    with Burster(rig, seed) as burst:
+        for _ in range(kills):
+            moment = rng.choice(("startup", "uploads", "uploads", "uploads"))
+            daemon = rig.start(wait=False, workers=workers)
+            if moment == "startup":
+                wait_until(lambda d=daemon: d.events("daemon_starting"), timeout=20, message=rig.output)  # type: ignore[misc]
+            else:
+                target = len(rig.proxy.puts()) + rng.randint(1, 25)
+                wait_until(lambda t=target: len(rig.proxy.puts()) >= t, timeout=30, message=rig.output)  # type: ignore[misc,union-attr]
+            moments[moment] += 1
+            assert daemon.kill() == -signal.SIGKILL
+            inflight_at_kill.append(states(rig.journal())["uploading"])
+    rig.proxy.delay(0)
+    daemon = rig.start(workers=workers)
+    rig.wait_in_bucket(burst.written, timeout=90)
+    rig.wait_idle(daemon, timeout=60)
+
+    files = len(burst.written)
+    assert states(rig.journal()) == {"uploaded": files}
+    assert rig.objects() == rig.expected()  # every file, byte-identical, and no variant of our own retries
+    reached = [r for r in rig.proxy.puts() if r.origin in ("upstream", "rule")]
+    assert accepted_puts(rig.proxy) == Counter(set(rig.expected()))
+    re_uploads = len(reached) - files
+    assert all(n <= workers for n in inflight_at_kill), inflight_at_kill
+    assert re_uploads <= sum(inflight_at_kill), (re_uploads, inflight_at_kill)
+    tally = rig.audit(f"kill -9 at random moments during a burst ({kills} kills)", kills=kills,
+                      re_uploads=re_uploads, inflight_at_kills=sum(inflight_at_kill), moments=dict(moments))
+    assert tally.variant_objects == 0
+    assert tally.duplicate_puts == re_uploads
+
+
+CI_KILLS = int(os.environ.get("SIDECAR_CI_KILLS", "4"))
+SOAK_KILLS = int(os.environ.get("SIDECAR_SOAK_KILLS", "25"))
+
+
+def test_kill_9_at_random_moments_during_a_burst(rig: Rig) -> None:
+    """SIGKILL a few times at random moments of a burst: all files arrive intact; re-uploads ≤ uploads in flight."""
+    kill_loop(rig, CI_KILLS, seed=11)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(1800)
+def test_kill_9_soak(rig: Rig) -> None:
+    """SIGKILL ≥ 20 times at random moments of a burst: all files arrive intact; re-uploads ≤ uploads in flight."""
+    kill_loop(rig, SOAK_KILLS, seed=12)
+
+
+# -- the journal's disk and file --------------------------------------------------------------------------------------
+
+needs_userns = pytest.mark.skipif(not userns_available(), reason="unshare -U -r is not permitted here")
+
+
+def fill_disk(path: Path) -> int:
+    """Write ``path`` until the filesystem says ENOSPC; returns the bytes written."""
+    written = 0
+    with path.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+                written += 65536
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return written
+
+
+def journal_errors(rig: Rig) -> list[dict[str, object]]:
+    return [line for proc in rig.procs for line in proc.log_lines()
+            if "disk is full" in json.dumps(line) or "disk full" in json.dumps(line)]
+
+
+@needs_userns
+def test_journal_disk_full_is_reported_and_recovers_without_restart(rig: Rig) -> None:
+    """The journal's disk fills mid-run: errors are logged, nothing is lost, all upload once space is back."""
+    assert rig.proxy is not None
+    rig.state.mkdir()
+    daemon = rig.start(prefix=userns_prefix(tmpfs=rig.state, tmpfs_kib=1024))
+    view = Path(f"/proc/{daemon.pid}/root") / rig.state.relative_to("/")  # the daemon's private tmpfs
+    db = view / "journal.sqlite3"
+    rng = random.Random(21)
+    before = [rig.write(f"before/img_{i}.png", payload(rng)) for i in range(5)]
+    rig.wait_in_bucket(before)
+
+    rig.proxy.delay(1.5, when=is_put)  # these are claimed, then the disk fills while their PUTs are in flight
+    inflight = [rig.write(f"inflight/img_{i}.png", payload(rng)) for i in range(3)]
+    wait_until(lambda: states({r: journal_rows(db).get(r) for r in inflight if r in journal_rows(db)}  # type: ignore[misc]
+                              )["uploading"] == 3, timeout=20, message=rig.output)
+    filled = fill_disk(view / "filler")
+    during = [rig.write(f"during/img_{i}.png", payload(rng)) for i in range(5)]
+    wait_until(lambda: len(daemon.events("journal_write_failed")) == 3, timeout=30, message=rig.output)
+    wait_until(lambda: daemon.events("settle_loop_failed"), timeout=30, message=rig.output)
+    rig.proxy.delay(0)
+    assert daemon.is_running()
+    assert {rig.key(rel) for rel in inflight} <= rig.keys()  # the PUTs landed; their outcome was refused
+    assert rig.keys().isdisjoint(rig.key(rel) for rel in during)  # not journaled, so not uploaded (yet)
+
+    (view / "filler").unlink()
+    rig.wait_in_bucket(during)
+    rig.wait_idle(daemon)
+    assert states(journal_rows(db)) == {"uploaded": 13}
+    one_accepted_put_per_file(rig)
+    existing = [e["path"] for e in daemon.events("upload_succeeded") if e["outcome"] == "existing"]
+    assert sorted(existing) == sorted(inflight)  # recognised by 412 + HEAD, not sent twice
+    tally = rig.audit("Journal disk full (1 MiB tmpfs filled mid-run), then freed", filler_bytes=filled,
+                      journal_error_lines=len(journal_errors(rig)))
+    assert tally.duplicate_puts == 3 and tally.variant_objects == 0
+    assert tally.errors_reported > 0
