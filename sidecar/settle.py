@@ -28,6 +28,7 @@ log = structlog.get_logger("sidecar.settle")
 NO_LEASE_QUIET_S = 2.0  # quiet period when the kernel cannot say whether a writer still has the file open
 MAX_RECHECK_S = 2.0
 RETRY_HANDOVER_S = 1.0
+WRITER_DONE = frozenset({"close", "move"})
 
 
 @dataclass(slots=True)
@@ -62,7 +63,11 @@ class Settler:
         self._wake = threading.Event()
 
     def offer(self, relpath: bytes, source: str) -> None:
-        """Consider ``relpath`` (relative to the root); a path already held is simply re-checked later."""
+        """Consider ``relpath`` (relative to the root).
+
+        A path already held keeps its place, except that a close or rename (the writer is done) makes its
+        next check due now instead of after a backoff that grew while the writer held the file.
+        """
         now = self._clock()
         with self._lock:
             entry = self._entries.get(relpath)
@@ -71,6 +76,9 @@ class Settler:
                 heapq.heappush(self._heap, (now, relpath))
             elif source != "scan":
                 entry.source = source
+                if source in WRITER_DONE and entry.due > now:
+                    entry.due, entry.rechecks = now, 0
+                    heapq.heappush(self._heap, (now, relpath))
         self._wake.set()
 
     def __len__(self) -> int:
@@ -85,15 +93,15 @@ class Settler:
     def run_once(self) -> int:
         """Check every candidate that is due; hand the finished ones over. Returns how many were confirmed."""
         now = self._clock()
-        due: list[tuple[bytes, _Entry]] = []
+        due: dict[bytes, _Entry] = {}  # a path can sit in the heap twice (see offer); check it once
         with self._lock:
             while self._heap and self._heap[0][0] <= now:
                 _, relpath = heapq.heappop(self._heap)
                 entry = self._entries.get(relpath)
                 if entry is not None and entry.due <= now:
-                    due.append((relpath, entry))
+                    due[relpath] = entry
         ready: list[Candidate] = []
-        for relpath, entry in due:
+        for relpath, entry in due.items():
             verdict = self._check(relpath, entry, now)
             with self._lock:
                 if verdict is None:

@@ -224,3 +224,21 @@ def test_failed_handover_keeps_the_candidates(tmp_path: Path) -> None:
     assert len(settler) == 1
     drain(settler, clock, 3)
     assert [c.path for c in accepted] == [b"a.png"]
+
+
+def test_close_event_brings_the_next_check_forward(setup: tuple[Settler, Clock, Collected, Path]) -> None:
+    """After a long write, the close event makes the file due at once instead of after the grown backoff."""
+    settler, clock, got, root = setup
+    f = (root / "a.png").open("wb")
+    f.write(b"partial")
+    f.flush()
+    settler.offer(b"a.png", "create")
+    drain(settler, clock, 6)  # the writer holds it: rechecks back off towards MAX_RECHECK_S
+    f.write(b"-rest")
+    f.close()
+    settler.offer(b"a.png", "close")
+    assert settler.next_due_in() == 0
+    settler.run_once()  # sees the final stat
+    clock.now += 0.5
+    settler.run_once()
+    assert [(c.path, c.size) for c in got.ready] == [(b"a.png", 12)]
