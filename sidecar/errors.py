@@ -42,6 +42,7 @@ class StoreError(SidecarError):
         where = f" for key {key!r}" if key else ""
         advice = f" (hint: {hint})" if hint else ""
         super().__init__(f"{operation} failed{where}: {message}{advice}")
+        self.detail = message
         self.operation = operation
         self.key = key
         self.code = code

@@ -223,5 +223,9 @@ class S3Store:
                 raise
 
     def check(self) -> str:
-        self._call("HeadBucket", "", self._client.head_bucket)
+        try:
+            self._call("HeadBucket", "", self._client.head_bucket)
+        except StoreError as exc:
+            where = f"bucket {self._bucket!r} at {self.endpoint}: {exc.code} ({exc.detail})"
+            raise type(exc)(where, operation="HeadBucket", code=exc.code, hint=exc.hint) from None
         return f"bucket {self._bucket!r} reachable at {self.endpoint} with these credentials"
