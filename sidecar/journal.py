@@ -122,6 +122,7 @@ class Journal:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._migrate()
+            self._check_integrity()
         except sqlite3.DatabaseError as exc:
             raise JournalError(
                 f"cannot open journal {path}: {exc} (hint: if it is corrupt, move it aside; "
@@ -141,6 +142,17 @@ class Journal:
             )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             self._db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+
+    def _check_integrity(self) -> None:
+        """Refuse a damaged journal at open (about 0.1 s per 100,000 files) rather than misbehave later.
+
+        Damage the header check misses (a torn index page, say) otherwise surfaces only when a query touches
+        it: lookups by path can then miss known files or fail in a loop while the daemon looks alive.
+        """
+        problems = [str(r[0]) for r in self._db.execute("PRAGMA quick_check(3)").fetchall()]
+        if problems != ["ok"]:
+            detail = "; ".join(line for p in problems for line in p.splitlines() if not line.startswith("***"))
+            raise sqlite3.DatabaseError(f"database is corrupt ({detail[:160]})")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
