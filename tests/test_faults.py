@@ -10,7 +10,9 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -31,6 +33,8 @@ from support.faults import (
 from support.proxy import R2Proxy, RecordedRequest
 from support.s3server import S3Server
 from support.waiting import wait_until
+
+from sidecar.journal import Candidate, Journal
 
 OUTAGE_RETRIES = int(os.environ.get("SIDECAR_OUTAGE_RETRIES", "6"))  # journal-layer retries seen during the outage
 
@@ -443,3 +447,80 @@ def test_journal_disk_full_is_reported_and_recovers_without_restart(rig: Rig) ->
                       journal_error_lines=len(journal_errors(rig)))
     assert tally.duplicate_puts == 3 and tally.variant_objects == 0
     assert tally.errors_reported > 0
+
+
+def corrupt_journal(path: Path, how: str) -> None:
+    """Make a journal of 2,000 files, then damage it: ``garbage`` (not a database) or ``index`` (torn pages of
+    the path index only: the header and the table are fine, so only a check at open notices)."""
+    journal = Journal(path)
+    journal.record([Candidate(f"old/img_{i:05d}.png".encode(), 100 + i, 10**18 + i, "scan") for i in range(2000)])
+    journal.close()
+    if how == "garbage":
+        path.write_bytes(b"this is not a journal\n" * 500)
+        return
+    db = sqlite3.connect(path)
+    pages = [r[0] for r in db.execute("SELECT pageno FROM dbstat WHERE name = 'sqlite_autoindex_files_1' "
+                                      "AND pagetype = 'leaf'")]
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    rng = random.Random(31)
+    with path.open("r+b") as f:
+        for page in pages:
+            f.seek((page - 1) * size)
+            f.write(rng.randbytes(size))
+
+
+@pytest.mark.parametrize("how", ["garbage", "index"])
+def test_corrupt_journal_at_start_is_a_clear_error_without_traceback(rig: Rig, how: str) -> None:
+    """A corrupt journal (not a database, or torn index pages) stops the start: exit 1, one line, no traceback."""
+    rig.state.mkdir()
+    corrupt_journal(rig.state / "journal.sqlite3", how)
+    rig.write("new/img.png", b"fresh")
+    daemon = rig.start(wait=False)
+    assert daemon.wait(timeout=20) == 1
+    err = daemon.raw_stderr()
+    assert "Traceback" not in err and "Traceback" not in daemon.raw_stdout()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sidecar: cannot open journal") and "move it aside" in lines[0]
+    assert ("not a database" if how == "garbage" else "corrupt") in lines[0]
+    assert rig.proxy is not None and rig.proxy.requests == []
+    rig.forget("new/img.png")
+    tally = rig.audit(f"Journal corrupt at start ({how})", exit_code=1)
+    assert tally.in_bucket_identical == 0
+
+
+@pytest.mark.parametrize("when", ["stopped", "running"])
+def test_deleted_journal_is_rebuilt_without_uploading_different_bytes(rig: Rig, when: str) -> None:
+    """Journal deleted (daemon stopped, or running then killed): the rescan recognises every object by 412 + HEAD."""
+    assert rig.proxy is not None
+    rng = random.Random(32)
+    rels = [rig.write(f"day/img_{i:03d}.png", payload(rng)) for i in range(25)]
+    daemon = rig.start()
+    rig.wait_in_bucket(rels)
+    rig.wait_idle(daemon)
+    if when == "stopped":
+        assert daemon.terminate() == 0
+        shutil.rmtree(rig.state)
+    else:
+        for name in os.listdir(rig.state):
+            os.unlink(rig.state / name)  # the daemon keeps writing to the unlinked inode
+        more = [rig.write(f"day/late_{i:03d}.png", payload(rng)) for i in range(5)]
+        rig.wait_in_bucket(more)
+        rels += more
+        assert daemon.kill() == -signal.SIGKILL
+        assert not (rig.state / "journal.sqlite3").exists()
+    objects_before = rig.objects()
+    rig.proxy.clear()
+
+    daemon = rig.start()
+    wait_until(lambda: len(rig.journal()) == len(rels), timeout=30, message=rig.output)
+    rig.wait_idle(daemon)
+    assert rig.objects() == objects_before  # nothing new, nothing overwritten
+    calls = Counter((r.operation, r.status) for r in rig.proxy.requests)
+    assert calls == {("PutObject", 412): len(rels), ("HeadObject", 200): len(rels)}
+    assert states(rig.journal()) == {"uploaded": len(rels)}
+    outcomes = Counter(e["outcome"] for e in daemon.events("upload_succeeded"))
+    assert outcomes == {"existing": len(rels)}
+    tally = rig.audit(f"Journal deleted ({when}), rebuilt by the startup scan", refused_puts=len(rels))
+    assert tally.variant_objects == 0
