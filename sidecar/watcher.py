@@ -68,15 +68,27 @@ class _Handler(FileSystemEventHandler):
 
 
 class _OverflowHook(logging.Handler):
-    """Catches watchdog's 'Inotify queue overflowed' warning, the only sign that events were lost."""
+    """Catches watchdog's 'Inotify queue overflowed' warning, the only sign that events were lost.
+
+    watchdog 7.1 logs one overflow twice in a row on its reader thread (``inotify_c``: events were lost, then
+    ``inotify``: reconciling watches); records from the same thread within ``SAME_OVERFLOW_S`` count once.
+    """
+
+    SAME_OVERFLOW_S = 0.1
 
     def __init__(self, on_overflow: Callable[[], None]) -> None:
         super().__init__(level=logging.WARNING)
         self._on_overflow = on_overflow
+        self._last: tuple[int | None, float] = (None, -1.0)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self._on_overflow()
+        if "overflow" not in record.getMessage().lower():
+            return
+        thread, at = self._last
+        self._last = (record.thread, record.created)
+        if thread == record.thread and record.created - at < self.SAME_OVERFLOW_S:
+            return
+        self._on_overflow()
 
 
 class Watcher:
