@@ -524,3 +524,36 @@ def test_deleted_journal_is_rebuilt_without_uploading_different_bytes(rig: Rig, 
     assert outcomes == {"existing": len(rels)}
     tally = rig.audit(f"Journal deleted ({when}), rebuilt by the startup scan", refused_puts=len(rels))
     assert tally.variant_objects == 0
+
+
+# -- the kernel's inotify gives out -----------------------------------------------------------------------------------
+
+
+def test_inotify_queue_overflow_is_reported_and_rescanned(rig: Rig) -> None:
+    """The kernel's event queue overflows while the daemon is frozen: watcher_overflow, a rescan, nothing lost."""
+    daemon = rig.start()
+    rng = random.Random(41)
+    warm = rig.write("warm.png", payload(rng))
+    rig.wait_in_bucket([warm])
+    assert daemon.pid is not None
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    os.kill(daemon.pid, signal.SIGSTOP)  # the reader cannot drain the queue: the kernel drops what does not fit
+    try:
+        junk = [rig.out / "churn-a.txt", rig.out / "churn-b.txt"]  # ignored by the filter; alternating: no merging
+        for n in range(limit + limit // 4):
+            junk[n % 2].open("wb").close()
+        lost = [rig.write(f"after-overflow/img_{i:03d}.png", payload(rng)) for i in range(30)]
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    rig.wait_in_bucket(lost)
+    rig.wait_idle(daemon)
+
+    assert len(daemon.events("watcher_overflow")) == 1  # one overflow, reported once (watchdog logs it twice)
+    assert [e for e in daemon.events("scan_completed") if e["trigger"] == "overflow"]
+    samples = scrape(daemon)
+    assert metric(samples, "sidecar_watcher_overflows_total") == 1
+    assert metric(samples, "sidecar_rescans_total", trigger="overflow") >= 1
+    one_accepted_put_per_file(rig)
+    tally = rig.audit(f"inotify queue overflow ({limit + limit // 4} events queued while frozen)",
+                      overflows=metric(samples, "sidecar_watcher_overflows_total"))
+    assert tally.duplicate_puts == 0 and tally.errors_reported >= 1
