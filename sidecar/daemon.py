@@ -29,7 +29,7 @@ from sidecar.settle import Settler
 from sidecar.store_s3 import S3Store, make_client
 from sidecar.transfer import Transfer
 from sidecar.uploader import RetryPolicy, Uploader
-from sidecar.watcher import Watcher
+from sidecar.watcher import LIMIT_HINT, Watcher
 
 log = structlog.get_logger("sidecar.daemon")
 
@@ -167,6 +167,7 @@ class Daemon:
                     for rel in sorted(dirs):
                         self.scan("folder", rel)
                 self._check_watcher()
+                self._check_watch_coverage()
                 self._probe_store()
             except SidecarError:
                 log.exception("maintenance_failed")
@@ -186,6 +187,15 @@ class Daemon:
         elif verdict == "ok":
             self._watcher_log.recovered("watcher_recovered", mode=self.watcher.mode)
         self.metrics.watcher_up.set(1 if self.canary.healthy else 0)
+
+    def _check_watch_coverage(self) -> None:
+        """A new folder the inotify watch limit skipped gets no events, silently (FIELD-NOTES §1): poll instead."""
+        gap = self.watcher.coverage_gap()
+        if gap is None:
+            return
+        self.watcher.degrade_to_polling(gap)
+        log.warning("watcher_degraded", reason=self.watcher.degraded_reason, mode="polling", hint=LIMIT_HINT)
+        self._restart_watcher("watch_limit")
 
     def _restart_watcher(self, reason: str) -> None:
         """Rebuild the observer, re-arm the canary and rescan; a root that cannot be watched stays deaf."""

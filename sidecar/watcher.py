@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import structlog
@@ -35,8 +37,35 @@ log = structlog.get_logger("sidecar.watcher")
 EVENT_FILTER = [FileClosedEvent, FileCreatedEvent, FileMovedEvent, DirMovedEvent, DirCreatedEvent]
 WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 POLL_INTERVAL_S = 2.0
+RECHECK_S = 0.2  # a folder created during the start-up walk is watched once its own event is read
 
 OnPath = Callable[[bytes, str], None]
+
+
+LIMIT_HINT = "raise fs.inotify.max_user_watches (sysctl) and restart the sidecar to use inotify again"
+
+
+def watched_dirs() -> set[tuple[int, int]] | None:
+    """(st_dev, st_ino) of every inode this process's inotify instances watch, read from ``/proc/self/fdinfo``;
+    None when the kernel does not say (no procfs, or no inotify instance)."""
+    found: set[tuple[int, int]] = set()
+    seen_inotify = False
+    try:
+        names = os.listdir("/proc/self/fdinfo")
+    except OSError:
+        return None
+    for name in names:
+        try:
+            with open(f"/proc/self/fdinfo/{name}", encoding="ascii", errors="replace") as info:
+                lines = [line for line in info if line.startswith("inotify wd:")]
+        except OSError:
+            continue  # closed meanwhile
+        for line in lines:
+            seen_inotify = True
+            fields = dict(item.split(":", 1) for item in line.split()[1:] if ":" in item)
+            sdev = int(fields.get("sdev", "0"), 16)  # the kernel's dev_t: major << 20 | minor
+            found.add((os.makedev(sdev >> 20, sdev & 0xFFFFF), int(fields.get("ino", "0"), 16)))
+    return found if seen_inotify else None
 
 
 class _Handler(FileSystemEventHandler):
@@ -104,7 +133,10 @@ class Watcher:
         force_polling: bool = False,
     ) -> None:
         self.root = root
-        self._handler = _Handler(root, on_path, on_dir)
+        self._on_dir = on_dir
+        self._new_dirs: set[bytes] = set()  # folders created since the last coverage check
+        self._dirs_lock = threading.Lock()
+        self._handler = _Handler(root, on_path, self._dir_seen)
         self._hook = _OverflowHook(on_overflow)
         self._force_polling = force_polling
         self._observer: BaseObserver | None = None
@@ -132,8 +164,14 @@ class Watcher:
                 observer: BaseObserver = InotifyObserver()
                 observer.schedule(self._handler, str(self.root), recursive=True, event_filter=EVENT_FILTER)
                 observer.start()
-                self.mode, self.degraded_reason = "inotify", ""
-                return observer
+                gap = self._first_unwatched(self._all_folders(), recheck=True)
+                if gap is None:
+                    self.mode, self.degraded_reason = "inotify", ""
+                    return observer
+                observer.stop()
+                observer.join(timeout=5)
+                self.degrade_to_polling(gap)
+                log.warning("watcher_degraded", mode="polling", reason=self.degraded_reason, hint=LIMIT_HINT)
             except (OSError, ImportError) as exc:
                 reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)
                 self.degraded_reason = f"inotify unavailable: {reason}"
@@ -143,6 +181,52 @@ class Watcher:
         observer.start()
         self.mode = "polling"
         return observer
+
+    # -- coverage: the watch limit skips subfolders silently (FIELD-NOTES §1) ------------------------------
+
+    def _dir_seen(self, rel: bytes) -> None:
+        with self._dirs_lock:  # on watchdog's thread: O(1)
+            self._new_dirs.add(rel)
+        self._on_dir(rel)
+
+    def coverage_gap(self) -> bytes | None:
+        """A folder created since the last call that inotify does not watch (the watch limit was reached and
+        watchdog skipped it without a word); None if every one is watched, or the kernel cannot tell."""
+        with self._dirs_lock:
+            new, self._new_dirs = self._new_dirs, set()
+        if self.mode != "inotify" or not new:
+            return None
+        root = os.fsencode(self.root)
+        return self._first_unwatched(os.path.join(root, rel) for rel in sorted(new))
+
+    def degrade_to_polling(self, gap: bytes) -> None:
+        """Use the polling observer from the next (re)start on, because ``gap`` (relative) is not watched."""
+        self._force_polling = True
+        shown = os.fsdecode(gap) or "."
+        self.degraded_reason = f"inotify watch limit reached: folder {shown!r} is not watched"
+
+    def _all_folders(self) -> Iterator[bytes]:
+        root = os.fsencode(self.root)
+        yield root
+        for folder, subfolders, _ in os.walk(root):
+            for name in subfolders:
+                yield os.path.join(folder, name)
+
+    def _first_unwatched(self, folders: Iterable[bytes], *, recheck: bool = False) -> bytes | None:
+        watched = watched_dirs()
+        if watched is None:
+            return None
+        for folder in folders:
+            try:
+                st = os.stat(folder, follow_symlinks=False)
+            except OSError:
+                continue  # gone again
+            if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in watched:
+                if recheck:
+                    time.sleep(RECHECK_S)
+                    return self._first_unwatched([folder])
+                return relative(self.root, folder) or b""
+        return None
 
     def restart(self) -> None:
         """Tear the observer down and build a new one (after the root vanished or a thread died)."""
