@@ -27,6 +27,7 @@ from support.faults import (
     metric,
     scrape,
     states,
+    status,
     userns_available,
     userns_prefix,
 )
@@ -557,3 +558,62 @@ def test_inotify_queue_overflow_is_reported_and_rescanned(rig: Rig) -> None:
     tally = rig.audit(f"inotify queue overflow ({limit + limit // 4} events queued while frozen)",
                       overflows=metric(samples, "sidecar_watcher_overflows_total"))
     assert tally.duplicate_puts == 0 and tally.errors_reported >= 1
+
+
+@needs_userns
+@pytest.mark.parametrize("limit", ["max_watches", "max_instances"])
+def test_no_inotify_at_all_falls_back_to_polling_and_says_so(rig: Rig, limit: str) -> None:
+    """Watch or instance limit of 0 (a namespace's own limits): the daemon polls, says so, and loses nothing."""
+    daemon = rig.start(prefix=userns_prefix(**{limit: 0}))
+    degraded = wait_until(lambda: daemon.events("watcher_degraded"), timeout=10, message=rig.output)
+    assert degraded[0]["mode"] == "polling" and "inotify unavailable" in degraded[0]["reason"]
+    rng = random.Random(42)
+    rels = [rig.write(f"polled/sub_{i % 3}/img_{i:03d}.png", payload(rng)) for i in range(12)]
+    rig.wait_in_bucket(rels)
+    rig.wait_idle(daemon)
+    samples = scrape(daemon)
+    assert metric(samples, "sidecar_watcher_mode", mode="polling") == 1
+    assert metric(samples, "sidecar_watcher_mode", mode="inotify") == 0
+    assert status(daemon)["watcher"]["degraded_reason"].startswith("inotify unavailable")
+    one_accepted_put_per_file(rig)
+    tally = rig.audit(f"No inotify ({limit} = 0 in a user namespace): polling fallback", reason=degraded[0]["reason"])
+    assert tally.errors_reported >= 1
+
+
+@needs_userns
+def test_watch_limit_on_new_subfolders_is_noticed_and_polled(rig: Rig) -> None:
+    """Watch limit hit by new subfolders (silently skipped by inotify): the daemon notices, polls, loses nothing."""
+    daemon = rig.start(prefix=userns_prefix(max_watches=3))  # the root and two folders
+    rng = random.Random(43)
+    firsts = [rig.write(f"day_{d}/img_000.png", payload(rng)) for d in range(5)]  # folder scans find these
+    rig.wait_in_bucket(firsts)
+    degraded = wait_until(lambda: daemon.events("watcher_degraded"), timeout=10, message=rig.output)
+    assert degraded[0]["mode"] == "polling" and "watch limit" in degraded[0]["reason"]
+    later = [rig.write(f"day_{d}/img_{i:03d}.png", payload(rng)) for d in range(5) for i in range(1, 4)]
+    rig.wait_in_bucket(later, timeout=20)  # in unwatched folders: only polling (or a 5-min scan) sees them
+    rig.wait_idle(daemon)
+    samples = scrape(daemon)
+    assert metric(samples, "sidecar_watcher_mode", mode="polling") == 1
+    assert metric(samples, "sidecar_watcher_restarts_total", reason="watch_limit") == 1
+    assert "watch limit" in status(daemon)["watcher"]["degraded_reason"]
+    one_accepted_put_per_file(rig)
+    tally = rig.audit("inotify watch limit hit by new subfolders (limit 3 in a user namespace)",
+                      reason=degraded[0]["reason"])
+    assert tally.errors_reported >= 1
+
+
+@needs_userns
+def test_watch_limit_already_exceeded_at_start_is_noticed_and_polled(rig: Rig) -> None:
+    """A tree with more folders than the watch limit at start: polling from the start, said so, nothing lost."""
+    rng = random.Random(44)
+    old = [rig.write(f"old_{d}/img_000.png", payload(rng)) for d in range(6)]
+    daemon = rig.start(prefix=userns_prefix(max_watches=3))
+    degraded = wait_until(lambda: daemon.events("watcher_degraded"), timeout=10, message=rig.output)
+    assert degraded[0]["mode"] == "polling" and "watch limit" in degraded[0]["reason"]
+    rig.wait_in_bucket(old)
+    new = [rig.write(f"old_{d}/img_001.png", payload(rng)) for d in range(6)]
+    rig.wait_in_bucket(new, timeout=20)
+    rig.wait_idle(daemon)
+    assert metric(scrape(daemon), "sidecar_watcher_mode", mode="polling") == 1
+    one_accepted_put_per_file(rig)
+    rig.audit("inotify watch limit already exceeded at start (6 folders, limit 3)", reason=degraded[0]["reason"])
