@@ -17,6 +17,8 @@ from sidecar import __version__
 from sidecar.health import REASONS
 
 OUTCOMES = ("uploaded", "existing", "unchanged", "retry", "failed", "skipped", "changed")
+# Canary verdicts (sidecar.health) plus the daemon's fallback to polling when the watch limit skipped a folder.
+WATCHER_RESTART_REASONS = (*REASONS, "watch_limit")
 SIZE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 
 
@@ -97,7 +99,7 @@ class Metrics:
             self.uploads.labels(outcome=outcome)
         for source in ("event", "scan"):
             self.files_discovered.labels(source=source)
-        for reason in REASONS:
+        for reason in WATCHER_RESTART_REASONS:
             self.watcher_restarts.labels(reason=reason)
 
 
