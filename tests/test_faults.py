@@ -7,6 +7,7 @@ version on disk, no torn object, duplicates counted, and the errors the operator
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -617,3 +618,83 @@ def test_watch_limit_already_exceeded_at_start_is_noticed_and_polled(rig: Rig) -
     assert metric(scrape(daemon), "sidecar_watcher_mode", mode="polling") == 1
     one_accepted_put_per_file(rig)
     rig.audit("inotify watch limit already exceeded at start (6 folders, limit 3)", reason=degraded[0]["reason"])
+
+
+def test_deaf_watcher_after_the_root_is_replaced_is_rebuilt_and_rescanned(rig: Rig) -> None:
+    """The watched root deleted and recreated (its watch died with it): noticed, rebuilt, rescanned, nothing lost."""
+    daemon = rig.start()
+    rng = random.Random(45)
+    warm = rig.write("warm.png", payload(rng))
+    rig.wait_in_bucket([warm])
+    shutil.rmtree(rig.out)
+    rig.out.mkdir()
+    after = [rig.write(f"{'' if i % 2 else 'sub/'}img_{i:03d}.png", payload(rng)) for i in range(10)]
+    rig.wait_in_bucket(after, timeout=30)
+    rig.wait_idle(daemon)
+
+    degraded = daemon.events("watcher_degraded")
+    assert degraded and degraded[0]["reason"] == "root_replaced"
+    assert daemon.events("watcher_restarted")
+    assert [e for e in daemon.events("scan_completed") if e["trigger"] == "watcher_restart"]
+    samples = scrape(daemon)
+    assert metric(samples, "sidecar_watcher_restarts_total", reason="root_replaced") >= 1
+    assert metric(samples, "sidecar_watcher_up") == 1  # proven again by the canary after the rebuild
+    one_accepted_put_per_file(rig)
+    tally = rig.audit("Deaf watcher: watched root deleted and recreated")
+    assert tally.errors_reported >= 1
+
+
+# -- the file changes under the upload --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["rewritten", "truncated"])
+def test_file_changed_during_a_multipart_upload_never_leaves_a_torn_object(rig: Rig, change: str) -> None:
+    """A 16 MiB file rewritten or truncated between parts: the upload is aborted, the final content arrives whole."""
+    assert rig.proxy is not None
+    rig.proxy.rules.min_part_size = 5 * MIB
+    rig.proxy.delay(0.5, when=lambda r: r.operation == "UploadPart")
+    daemon = rig.start(multipart_threshold_mb=5, part_size_mb=5)
+    rng = random.Random(46)
+    rel = rig.write("video/clip.mp4", rng.randbytes(16 * MIB))
+    wait_until(lambda: [r for r in rig.proxy.parts() if r.status == 200], timeout=30, message=rig.output)  # type: ignore[union-attr]
+    final = rng.randbytes(16 * MIB) if change == "rewritten" else rng.randbytes(7 * MIB)
+    with rig.path(rel).open("r+b") as f:  # in place, same inode, like a writer that reopens its output
+        f.write(final)
+        f.truncate(len(final))
+    rig.remember(rel, final)
+    rig.proxy.delay(0)
+    rig.wait_in_bucket([rel])
+    rig.wait_idle(daemon)
+
+    assert rig.objects() == {rig.key(rel): final}
+    aborted = [r for r in rig.proxy.requests if r.operation == "AbortMultipartUpload"]
+    assert [r.status for r in aborted] == [204]
+    assert rig.s3.direct.list_multipart_uploads(Bucket=rig.bucket).get("Uploads", []) == []
+    assert metric(scrape(daemon), "sidecar_uploads_total", outcome="changed") == 1
+    tally = rig.audit(f"File {change} during a multipart upload (16 MiB)")
+    assert tally.variant_objects == 0 and tally.torn_or_foreign == 0
+
+
+def test_file_rewritten_during_a_put_keeps_each_version_whole(rig: Rig) -> None:
+    """A small file rewritten while its PUT is in flight: the key keeps the complete first version, the final
+    version follows under its content-hash variant; nothing torn, nothing overwritten."""
+    assert rig.proxy is not None
+    rig.proxy.delay(1.0, when=is_put)
+    daemon = rig.start()
+    rng = random.Random(47)
+    rel = rig.write("img/ComfyUI_00001_.png", payload(rng, 40_000, 40_001))
+    wait_until(lambda: rig.journal().get(rel) and rig.journal()[rel].state == "uploading", timeout=20,  # type: ignore[return-value]
+               message=rig.output)
+    final = payload(rng, 20_000, 20_001)
+    rig.write(rel, final)  # truncate and rewrite in place
+    rig.proxy.delay(0)
+    wait_until(lambda: len(rig.keys()) == 2, timeout=30, message=rig.output)
+    rig.wait_idle(daemon)
+
+    objects = rig.objects()
+    first = rig.versions[rel][0]
+    variant = f"{rig.key(rel)[:-4]}.{hashlib.md5(final).hexdigest()[:12]}.png"
+    assert objects == {rig.key(rel): first, variant: final}
+    assert [e["taken_key"] for e in daemon.events("key_taken_stored_as_variant")] == [rig.key(rel)]
+    tally = rig.audit("File rewritten while its PUT is in flight", final_key=variant)
+    assert tally.torn_or_foreign == 0 and tally.variant_objects == 1
