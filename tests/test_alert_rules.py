@@ -45,9 +45,9 @@ def _exposition() -> str:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     registry.register(JournalCollector(lambda: {"pending": (3, 300), "failed": (1, 10)}, lambda: 42.0))
-    metrics.files_discovered.labels(source="inotify").inc()
+    metrics.files_discovered.labels(source="event").inc()
     metrics.files_skipped.labels(reason="extension").inc()
-    for outcome in ("success", "unchanged", "retry", "failed"):
+    for outcome in ("uploaded", "existing", "unchanged", "retry", "failed"):
         metrics.uploads.labels(outcome=outcome).inc()
     metrics.retries.labels(error_class="SlowDown").inc()
     metrics.s3_requests.labels(operation="PutObject", status="200").inc()

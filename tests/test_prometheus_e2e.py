@@ -153,16 +153,7 @@ def test_promtool_finds_no_problems_in_the_live_exposition(scraped: Scraped) -> 
 
 def _alerts() -> list[Any]:
     rules = yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
-    stalled_bug = pytest.mark.xfail(
-        strict=True,
-        reason='SidecarStalled counts outcome=~"success|unchanged", but the daemon exports outcome="uploaded": '
-        "with real series it fires on every healthy pod that receives files (deploy/prometheus-alerts.yml)",
-    )
-    return [
-        pytest.param(rule["alert"], rule["expr"], id=rule["alert"],
-                     marks=[stalled_bug] if rule["alert"] == "SidecarStalled" else [])
-        for rule in rules
-    ]
+    return [pytest.param(rule["alert"], rule["expr"], id=rule["alert"]) for rule in rules]
 
 
 @pytest.mark.parametrize(("alert", "expr"), _alerts())
