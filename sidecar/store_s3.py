@@ -107,7 +107,8 @@ def classify(  # noqa: PLR0911 - one flat decision table reads better than neste
         code = str(err.get("Code") or status or "ClientError")
         if code.isdigit():  # HEAD answers carry no body, so no error code: name the usual meaning
             code = BODYLESS_CODES.get((operation, code), BODYLESS_CODES.get(("", code), code))
-        message = _scrub(str(err.get("Message") or code), secrets)
+        text = _scrub(str(err.get("Message") or ""), secrets)
+        message = f"{code} ({status}): {text}" if text and text != code else f"{code} ({status})"
         if status == 412 or code == "PreconditionFailed":
             return KeyExistsError(message, operation=operation, key=key, code="PreconditionFailed")
         if code in TRANSIENT_CODES or (status >= 500 and code != "NotImplemented") or status == 429:

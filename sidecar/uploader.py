@@ -24,7 +24,7 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_when_event_set,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from sidecar.errors import JournalError, SourceFileError, StoreError, TransientStoreError
@@ -143,7 +143,7 @@ class Uploader:
         attempts = 1 if self.breaker.failures else FAST_ATTEMPTS
         retrying = Retrying(
             stop=stop_after_attempt(attempts) | stop_when_event_set(self._stopping),
-            wait=wait_exponential_jitter(initial=0.2, max=2.0),
+            wait=wait_random_exponential(multiplier=0.2, max=2.0),
             retry=retry_if_exception_type(TransientStoreError),
             before_sleep=self._log_fast_retry,
             sleep=self._sleep,
@@ -211,6 +211,8 @@ class Uploader:
             return self._source_problem(row, exc)
         except StoreError as exc:
             return self._store_problem(row, exc)
+        finally:
+            self._end_progress()
         self._succeeded(row, result, time.monotonic() - started)
         return self._count(result.outcome)
 
@@ -352,6 +354,7 @@ class Uploader:
         state = self._progress.__dict__
         now = time.monotonic()
         if done <= 0 or state.get("total") != total or done < state.get("done", 0):
+            self._end_progress()
             state.update(total=total, done=0, started=now, logged=now)
         self._metrics.upload_progress.inc(done - state["done"])
         state["done"] = done
@@ -360,5 +363,11 @@ class Uploader:
             log.info("upload_progress", bytes_done=done, bytes_total=total, rate_bps=int(rate))
             state["logged"] = now
         if done >= total:
-            self._metrics.upload_progress.dec(done)
-            state.clear()
+            self._end_progress()
+
+    def _end_progress(self) -> None:
+        """Take this thread's upload out of the in-progress gauge (finished, failed or cut short)."""
+        state = self._progress.__dict__
+        if state.get("done"):
+            self._metrics.upload_progress.dec(state["done"])
+        state.clear()
