@@ -153,26 +153,36 @@ def run_until_signalled(daemon: Daemon, drain_timeout_s: float) -> int:
 
 def cmd_scan(_: argparse.Namespace) -> int:
     from sidecar.daemon import Daemon  # noqa: PLC0415
-    from sidecar.journal import FAILED, PENDING, UPLOADING  # noqa: PLC0415
+    from sidecar.journal import FAILED, PENDING, UPLOADED, UPLOADING  # noqa: PLC0415
 
     settings = _settings()
     daemon = Daemon(settings)
     daemon.start(watch=False)
     try:
-        while True:
+        while not _scan_finished(daemon):
             time.sleep(0.05)
-            stats = daemon.journal.stats()
-            due = daemon.journal.next_due_in()
-            busy = stats[UPLOADING][0] or len(daemon.settler) or daemon.uploader.inflight()
-            if not busy and daemon.last_scan and (due is None or due > 0):
-                break
         stats = daemon.journal.stats()
     finally:
         daemon.stop(deadline=time.monotonic() + settings.drain_timeout_s)
         daemon.close()
-    pending, failed = stats[PENDING][0], stats[FAILED][0]
-    print(json.dumps({"uploaded": stats["uploaded"][0], "pending": pending, "failed": failed}))
-    return EXIT_FAILURE if failed or pending else EXIT_OK
+    pending = stats[PENDING][0] + stats[UPLOADING][0]
+    summary = {"uploaded": stats[UPLOADED][0], "pending": pending, "failed": stats[FAILED][0]}
+    print(json.dumps(summary))
+    return EXIT_FAILURE if summary["failed"] or pending else EXIT_OK
+
+
+def _scan_finished(daemon: Daemon) -> bool:
+    """The scan ran, nothing is settling or in flight, and nothing in the journal is due now.
+
+    Read in pipeline order (settler, workers, journal): a file moves settler → journal pending → claimed
+    (uploading) → done, and each stage lets go only after the next has it, so no file is missed in between.
+    """
+    from sidecar.journal import UPLOADING  # noqa: PLC0415
+
+    if not daemon.last_scan or len(daemon.settler) or daemon.uploader.inflight():
+        return False
+    due = daemon.journal.next_due_in()
+    return daemon.journal.stats()[UPLOADING][0] == 0 and (due is None or due > 0)
 
 
 def cmd_retry_failed(_: argparse.Namespace) -> int:
@@ -196,6 +206,11 @@ def cmd_status(_: argparse.Namespace) -> int:
     try:
         with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - local daemon
             data = json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            return _fail(f"the daemon on {host}:{settings.http_port} refused the request: set SIDECAR_HTTP_TOKEN "
+                         "to the daemon's token", EXIT_FAILURE)
+        return _fail(f"the daemon on {host}:{settings.http_port} answered HTTP {exc.code}", EXIT_FAILURE)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         return _fail(f"no daemon answering on {host}:{settings.http_port} ({reason})", EXIT_FAILURE)

@@ -38,6 +38,7 @@ class _Entry:
     seen: os.stat_result | None = None
     rechecks: int = 0
     first_offered: float = field(default=0.0)
+    offers: int = 1  # bumped by every offer, so a hand-over can tell that a new event came in meanwhile
 
 
 class Settler:
@@ -75,6 +76,7 @@ class Settler:
                 entry = self._entries[relpath] = _Entry(source=source, due=now, first_offered=now)
                 heapq.heappush(self._heap, (now, relpath))
             elif source != "scan":
+                entry.offers += 1
                 entry.source = source
                 if source in WRITER_DONE and entry.due > now:
                     entry.due, entry.rechecks = now, 0
@@ -100,31 +102,42 @@ class Settler:
                 entry = self._entries.get(relpath)
                 if entry is not None and entry.due <= now:
                     due[relpath] = entry
-        ready: list[Candidate] = []
+        ready: list[tuple[Candidate, int]] = []
         for relpath, entry in due.items():
+            offers = entry.offers
             verdict = self._check(relpath, entry, now)
             with self._lock:
                 if verdict is None:
                     heapq.heappush(self._heap, (entry.due, relpath))
+                elif isinstance(verdict, Candidate):
+                    ready.append((verdict, offers))
                 else:
                     del self._entries[relpath]
-            if isinstance(verdict, Candidate):
-                ready.append(verdict)
         if ready:
+            # Entries stay held until the journal has them: len(self) never reads 0 while files are in
+            # hand, and a failed hand-over (journal full) keeps them for another try.
             try:
-                self._on_ready(ready)
+                self._on_ready([c for c, _ in ready])
             except Exception:
-                self._hold_again(ready, now + RETRY_HANDOVER_S)
+                self._release(ready, keep_until=now + RETRY_HANDOVER_S)
                 raise
+            self._release(ready, keep_until=None)
         return len(ready)
 
-    def _hold_again(self, candidates: list[Candidate], due: float) -> None:
-        """The hand-over failed (journal full or broken): keep the candidates and try again at ``due``."""
+    def _release(self, handed: list[tuple[Candidate, int]], *, keep_until: float | None) -> None:
+        """Forget handed-over entries; keep (due at ``keep_until`` or now) those offered again meanwhile."""
+        now = self._clock()
         with self._lock:
-            for c in candidates:
-                if c.path not in self._entries:
-                    self._entries[c.path] = _Entry(source=c.source, due=due, first_offered=due)
-                    heapq.heappush(self._heap, (due, c.path))
+            for candidate, offers in handed:
+                entry = self._entries.get(candidate.path)
+                if entry is None:
+                    continue
+                if keep_until is None and entry.offers == offers:
+                    del self._entries[candidate.path]
+                    continue
+                entry.due = keep_until if keep_until is not None else now
+                entry.seen = None
+                heapq.heappush(self._heap, (entry.due, candidate.path))
 
     def _check(self, relpath: bytes, entry: _Entry, now: float) -> Candidate | str | None:
         """A Candidate when finished, a skip reason when never uploadable, None to look again at entry.due."""

@@ -364,7 +364,7 @@ def test_token_guards_everything_but_healthz(start_sidecar: StartSidecar) -> Non
     assert "uploaded=1" in lines[1] and "pending=0" in lines[1]
     assert "one.png" in out and "inotify" in out
     code, out, err = sidecar.cli("status", SIDECAR_HTTP_TOKEN="wrong")
-    assert code == 1 and out == "" and "Unauthorized" in err
+    assert code == 1 and out == "" and "SIDECAR_HTTP_TOKEN" in err and "refused" in err
 
 
 # -- logs ----------------------------------------------------------------------------------------------
