@@ -19,6 +19,7 @@ F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 F_RDLCK = getattr(fcntl, "F_RDLCK", 0)
 F_UNLCK = getattr(fcntl, "F_UNLCK", 2)
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 def relative(root: Path, path: str | bytes) -> bytes | None:
@@ -32,31 +33,60 @@ def open_regular(root: Path, relpath: bytes) -> tuple[int, os.stat_result]:
     """Open a file below ``root`` read-only; raise :class:`SourceFileError` with a bounded reason if unfit.
 
     Reasons: ``vanished``, ``symlink``, ``outside_root``, ``not_regular``, ``unreadable``.
+
+    The path is walked one folder at a time from a descriptor of the root (``openat`` with ``O_NOFOLLOW``),
+    so no link below the root is ever followed, not even one swapped in for a folder while we look: a
+    resolve-then-open leaves that window open. Every failure, including a race, is one of the reasons.
     """
-    abspath = os.path.join(os.fsencode(root), relpath)
     shown = os.fsdecode(relpath)
-    real_root = os.path.realpath(os.fsencode(root))
-    real_parent = os.path.realpath(os.path.dirname(abspath))
-    if not (real_parent + b"/").startswith(real_root.rstrip(b"/") + b"/"):
+    parts = relpath.split(b"/")
+    if any(part in (b"", b".", b"..") for part in parts):
         raise SourceFileError("outside_root", shown)
     try:
-        fd = os.open(os.path.join(real_parent, os.path.basename(abspath)), OPEN_FLAGS)
-    except FileNotFoundError:
-        raise SourceFileError("vanished", shown) from None
-    except PermissionError:
-        raise SourceFileError("unreadable", shown) from None
+        folder = os.open(os.fsencode(root), FOLDER_FLAGS & ~os.O_NOFOLLOW)  # the root itself may be a link
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise SourceFileError("symlink", shown) from None
-        if exc.errno in (errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):  # sockets, unbound devices
-            raise SourceFileError("not_regular", shown) from None
-        raise SourceFileError("unreadable", shown) from None
+        raise SourceFileError(_reason(exc), shown) from None
+    try:
+        for part in parts[:-1]:
+            try:
+                inner = os.open(part, FOLDER_FLAGS, dir_fd=folder)
+            except OSError as exc:
+                raise SourceFileError(_folder_reason(exc, part, folder), shown) from None
+            os.close(folder)
+            folder = inner
+        try:
+            fd = os.open(parts[-1], OPEN_FLAGS, dir_fd=folder)
+        except OSError as exc:
+            raise SourceFileError(_reason(exc), shown) from None
+    finally:
+        os.close(folder)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise SourceFileError("not_regular", shown)
     os.set_blocking(fd, True)
     return fd, st
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return "vanished"
+    if exc.errno == errno.ELOOP:
+        return "symlink"
+    if exc.errno in (errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):  # sockets, unbound devices
+        return "not_regular"
+    return "unreadable"
+
+
+def _folder_reason(exc: OSError, part: bytes, folder: int) -> str:
+    """A folder on the way could not be entered: a link (refused by O_NOFOLLOW) leads outside the tree."""
+    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+        try:
+            if stat.S_ISLNK(os.lstat(part, dir_fd=folder).st_mode):
+                return "outside_root"
+        except OSError:
+            pass
+    return _reason(exc)
 
 
 def writer_holds(fd: int) -> bool | None:
