@@ -2,8 +2,10 @@
 
 Placeholders: ``{pod_id}``, ``{relpath}`` (``/``-separated), ``{filename}``, ``{stem}``, ``{ext}``,
 ``{date}`` (UTC date of the file's mtime, ``YYYY-MM-DD``) and ``{md5}``. Bytes of a path that are not
-valid UTF-8 are written as ``%XX`` so every key is valid UTF-8; a
-clash with a real ``%XX`` name is caught by the conditional write like any other taken key.
+valid UTF-8, and control characters (tab, newline, ...: S3 listings are XML, which cannot carry most of them,
+and servers and tools mishandle the rest; moto answers a PUT of ``a\nb`` with a bare 404), are written as
+``%XX`` so every key is printable UTF-8; a clash with a real ``%XX`` name is caught by the conditional
+write like any other taken key.
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ MAX_KEY_BYTES = 1024
 VARIANT_HASH_CHARS = 12
 
 
+_CONTROL = {code: f"%{code:02X}" for code in (*range(0x20), 0x7F)}
+
+
 def path_text(path: bytes) -> str:
-    """A relative path as text: UTF-8 where valid, ``%XX`` for each byte that is not."""
+    """A relative path as text: UTF-8 where valid, ``%XX`` for each byte that is not or is a control character."""
     try:
-        return path.decode("utf-8")
+        return path.decode("utf-8").translate(_CONTROL)
     except UnicodeDecodeError:
         out: list[str] = []
         text = path.decode("utf-8", errors="surrogateescape")
         for ch in text:
             code = ord(ch)
             out.append(f"%{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else ch)
-        return "".join(out)
+        return "".join(out).translate(_CONTROL)
 
 
 @dataclass(frozen=True, slots=True)
