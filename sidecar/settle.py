@@ -21,6 +21,7 @@ import structlog
 
 from sidecar.errors import SourceFileError
 from sidecar.journal import Candidate
+from sidecar.keys import path_text
 from sidecar.localfile import open_regular, same_version, writer_holds
 
 log = structlog.get_logger("sidecar.settle")
@@ -145,7 +146,9 @@ class Settler:
             fd, st = open_regular(self._root, relpath)
         except SourceFileError as exc:
             self._on_skip(exc.reason)
-            log.debug("candidate_skipped", path=os.fsdecode(relpath), reason=exc.reason)
+            # One line per skipped candidate: a FIFO, a link or a file we may not read named like an output
+            # is otherwise invisible except as a counter (the scan offers an unreadable file again each time).
+            log.info("candidate_skipped", path=path_text(relpath), reason=exc.reason)
             return exc.reason
         try:
             writer = writer_holds(fd)
