@@ -110,9 +110,9 @@ class Journal:
         self._clock = clock
         self._lock = threading.Lock()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            old_umask = os.umask(0o077)
+            old_umask = os.umask(0o077)  # also for missing parents: mkdir(mode=) applies to the last one only
             try:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             finally:
                 os.umask(old_umask)
