@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -312,8 +314,10 @@ class Rig:
         for proc in self.procs:
             if proc.is_running():
                 with contextlib.suppress(OSError):
-                    os.kill(proc.pid or 0, 18)  # SIGCONT: a stopped process cannot handle SIGTERM
+                    os.kill(proc.pid or 0, signal.SIGCONT)  # a stopped process cannot handle SIGTERM
             proc.stop()
+        with contextlib.suppress(Exception):  # best effort: the bucket fixture cleans up after us anyway
+            self.empty_bucket()
 
     def output(self) -> str:
         return "\n".join(p.output()[-3000:] for p in self.procs[-2:])
@@ -352,20 +356,31 @@ class Rig:
         return set(self.s3.keys(self.bucket))
 
     def objects(self) -> dict[str, bytes]:
-        return self.s3.objects(self.bucket)
+        """Every object of the bucket, fetched straight from moto (8 GETs at a time)."""
+        client = self.s3.direct
+
+        def get(key: str) -> tuple[str, bytes]:
+            return key, client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return dict(pool.map(get, sorted(self.keys())))
 
     def wait_in_bucket(self, rels: Iterable[str], timeout: float = 40) -> None:
-        """Wait until every one of ``rels`` is in the bucket with its final bytes (under its key or a variant)."""
-        wanted = list(rels)
+        """Wait until the key of every one of ``rels`` exists (a LIST per poll; bytes are checked by the audit)."""
+        wanted = {self.key(rel) for rel in rels}
 
         def missing() -> list[str]:
-            objs = self.objects()
-            have = set(objs.values())
-            return [rel for rel in wanted if objs.get(self.key(rel)) != self.versions[rel][-1]
-                    and self.versions[rel][-1] not in have]
+            return sorted(wanted - self.keys())
 
         wait_until(lambda: not missing(), timeout=timeout, interval=0.1,
                    message=lambda: f"missing {missing()[:5]}\n{self.output()}")
+
+    def empty_bucket(self) -> None:
+        """Delete every object in batches of 1,000 (the bucket fixture deletes them one by one)."""
+        keys = sorted(self.keys())
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": key} for key in keys[start : start + 1000]]
+            self.s3.direct.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
     def wait_idle(self, proc: DaemonProcess, timeout: float = 40) -> dict[str, Any]:
         """Wait until nothing is settling, pending, uploading or in flight; returns that /status."""
@@ -383,21 +398,35 @@ class Rig:
 
     # -- the audit
 
+    def digests(self) -> dict[str, str]:
+        """``{key: MD5 hex}`` of every object: moto's own ETag from one LIST (moto hashes what it received),
+        a GET for multipart objects, whose ETag is not an MD5. Cheap where fetching thousands of bodies is not."""
+        out: dict[str, str] = {}
+        for page in self.s3.direct.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+            for obj in page.get("Contents", []):
+                etag = obj["ETag"].strip('"')
+                if "-" in etag:
+                    body = self.s3.direct.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read()
+                    etag = hashlib.md5(body).hexdigest()
+                out[obj["Key"]] = etag
+        return out
+
     def audit(self, scenario: str, *, expect_all: bool = True, **extra: Any) -> Tally:
         """Compare the bucket with what was written; count duplicates and reported errors; record the figures.
 
         Asserts the invariants every scenario shares: no object holds bytes that are not a complete version
         of a file, every file's final version is in the bucket (unless ``expect_all`` is False), and no key
-        holds something other than a version of its own file.
+        holds something other than a version of its own file. Bytes are compared by MD5.
         """
-        objs = self.objects()
-        finals = {self.key(rel): v[-1] for rel, v in self.versions.items()}
-        all_versions = {data for v in self.versions.values() for data in v}
+        objs = self.digests()
+        md5 = {rel: [hashlib.md5(data).hexdigest() for data in v] for rel, v in self.versions.items()}
+        finals = {self.key(rel): v[-1] for rel, v in md5.items()}
+        all_versions = {digest for v in md5.values() for digest in v}
         tally = Tally(scenario, files_written=len(self.versions), extra=dict(extra))
-        tally.in_bucket_identical = sum(1 for key, data in finals.items() if objs.get(key) == data)
+        tally.in_bucket_identical = sum(1 for key, digest in finals.items() if objs.get(key) == digest)
         present = set(objs.values())
-        tally.missing = sum(1 for key, data in finals.items() if objs.get(key) != data and data not in present)
-        tally.torn_or_foreign = sum(1 for data in objs.values() if data not in all_versions)
+        tally.missing = sum(1 for key, digest in finals.items() if objs.get(key) != digest and digest not in present)
+        tally.torn_or_foreign = sum(1 for digest in objs.values() if digest not in all_versions)
         tally.variant_objects = sum(1 for key in objs if key not in finals)
         if self.proxy is not None:
             writes = Counter(r.key for r in self.proxy.requests  # those that reached the store (or its 412 check)
@@ -407,10 +436,9 @@ class Rig:
         tally.errors_reported = errors_reported(self.procs)
         tally.record()
         assert tally.torn_or_foreign == 0, f"objects that are no complete version of any file: {tally}"
-        for key, data in objs.items():
-            if key in finals:
-                rel_versions = next(v for rel, v in self.versions.items() if self.key(rel) == key)
-                assert data in rel_versions, f"{key} holds bytes of another file"
+        by_key = {self.key(rel): v for rel, v in md5.items()}
+        for key, digest in objs.items():
+            assert key not in by_key or digest in by_key[key], f"{key} holds bytes of another file"
         if expect_all:
             assert tally.missing == 0, f"{tally.missing} file(s) missing from the bucket: {tally}"
         return tally
