@@ -14,7 +14,6 @@ import random
 import shutil
 import signal
 import sqlite3
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,8 +31,9 @@ from support.faults import (
     userns_available,
     userns_prefix,
 )
-from support.proxy import R2Proxy, RecordedRequest
+from support.proxy import R2Proxy
 from support.s3server import S3Server
+from support.scenarios import is_put, kill_loop, one_accepted_put_per_file, outage_under_stream, payload
 from support.waiting import wait_until
 
 from sidecar.journal import Candidate, Journal
@@ -49,83 +49,12 @@ def rig(tmp_path: Path, s3_server: S3Server, r2_proxy: R2Proxy, bucket: str) -> 
     r.close()
 
 
-def payload(rng: random.Random, low: int = 500, high: int = 12_000) -> bytes:
-    """Small unique content (moto keeps every object in RAM)."""
-    return rng.randbytes(rng.randint(low, high))
-
-
-class Stream:
-    """A writer thread producing one new file every ``every_s`` until stopped, like a pod mid-queue."""
-
-    def __init__(self, rig: Rig, prefix: str, every_s: float, seed: int) -> None:
-        self.rig = rig
-        self.prefix = prefix
-        self.every_s = every_s
-        self.rng = random.Random(seed)
-        self.written: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            rel = f"{self.prefix}ComfyUI_{n:05d}_.png"
-            self.rig.write(rel, payload(self.rng))
-            self.written.append(rel)
-            n += 1
-            self._stop.wait(self.every_s)  # the pace of the producer, not a wait for a condition
-
-    def __enter__(self) -> Stream:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
-def is_put(r: RecordedRequest) -> bool:
-    return r.operation == "PutObject"
-
-
-def one_accepted_put_per_file(rig: Rig) -> None:
-    assert rig.proxy is not None
-    assert accepted_puts(rig.proxy) == Counter(set(rig.expected())), "a key was written more than once (or never)"
-
-
 # -- the store misbehaves ------------------------------------------------------------------------------------------
 
 
 def test_outage_during_a_steady_stream_loses_nothing(rig: Rig) -> None:
     """S3 unreachable under a steady stream: files wait as pending, the outage is visible, then all upload once."""
-    assert rig.proxy is not None
-    daemon = rig.start()
-    with Stream(rig, "steady/", every_s=0.04, seed=1) as stream:
-        wait_until(lambda: len(accepted_puts(rig.proxy)) >= 5, timeout=20, message=rig.output)  # type: ignore[arg-type]
-        rig.proxy.down()
-        before = len(stream.written)
-
-        def outage_seen() -> bool:
-            retries = [e for e in daemon.events("upload_retry_scheduled") if e.get("layer") == "journal"]
-            return len(retries) >= OUTAGE_RETRIES and len(stream.written) >= before + 40
-
-        wait_until(outage_seen, timeout=60, message=rig.output)
-        samples = scrape(daemon)
-        assert metric(samples, "sidecar_store_reachable") == 0
-        assert metric(samples, "sidecar_upload_retries_total", error_class="ConnectionError") > 0
-        assert metric(samples, "sidecar_queue_files", state="pending") > 0
-        rig.proxy.up()
-        wait_until(lambda: daemon.events("store_recovered"), timeout=30, message=rig.output)
-    rig.wait_in_bucket(stream.written)
-    rig.wait_idle(daemon)
-
-    assert daemon.is_running()
-    assert metric(scrape(daemon), "sidecar_store_reachable") == 1
-    assert states(rig.journal()) == {"uploaded": len(stream.written)}
-    one_accepted_put_per_file(rig)
-    tally = rig.audit("S3 outage during a steady stream", outage_files=len(stream.written) - before)
-    assert tally.duplicate_puts == 0 and tally.variant_objects == 0
-    assert tally.errors_reported >= OUTAGE_RETRIES
+    outage_under_stream(rig, outage_files=40, min_retries=OUTAGE_RETRIES, scenario="S3 outage during a steady stream")
 
 
 def test_throttling_storm_of_503_429_and_500_is_ridden_out(rig: Rig) -> None:
@@ -285,108 +214,12 @@ def test_kill_9_during_a_multipart_upload_completes_it_and_aborts_the_orphan(rig
     assert tally.duplicate_puts == 0
 
 
-class Burster:
-    """Writer threads landing bursts like a GPU pod: batches of 8 files in new folders, written at once, via
-    tmp-then-rename, or in place in chunks with the descriptor held open (PIL), until stopped."""
-
-    def __init__(self, rig: Rig, seed: int) -> None:
-        self.rig = rig
-        self.rng = random.Random(seed)
-        self.written: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(lane,), daemon=True) for lane in range(2)]
-
-    def _one(self, rel: str, kind: str, data: bytes) -> None:
-        path = self.rig.path(rel)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.rig.remember(rel, data)
-        if kind == "tmp":
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        elif kind == "chunked":
-            with path.open("wb") as out:
-                for start in range(0, len(data), len(data) // 3 + 1):
-                    out.write(data[start : start + len(data) // 3 + 1])
-                    out.flush()
-                    self._stop.wait(0.03)  # the writer is still encoding: part of how this file is written
-        else:
-            path.write_bytes(data)
-
-    def _run(self, lane: int) -> None:
-        n = 0
-        while not self._stop.is_set():
-            for _ in range(8):
-                kind = self.rng.choice(("once", "once", "tmp", "chunked"))
-                rel = f"lane{lane}/batch_{n // 8:04d}/{kind}_{n:05d}_.png"
-                self._one(rel, kind, payload(self.rng, 300, 6_000))
-                self.written.append(rel)
-                n += 1
-            self._stop.wait(0.1)  # the pace of the producer
-
-    def __enter__(self) -> Burster:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=10)
-
-
-def kill_loop(rig: Rig, kills: int, seed: int, workers: int = 4) -> None:
-    """Kill -9 the daemon ``kills`` times at random moments of a burst, restart, and audit."""
-    assert rig.proxy is not None
-    rng = random.Random(seed)
-    rig.proxy.delay(0.03, when=is_put)  # keep uploads in flight, so kills land mid-request
-    inflight_at_kill: list[int] = []
-    moments: Counter[str] = Counter()
-    with Burster(rig, seed) as burst:
-        for _ in range(kills):
-            moment = rng.choice(("startup", "uploads", "uploads", "uploads"))
-            daemon = rig.start(wait=False, workers=workers)
-            if moment == "startup":
-                wait_until(lambda d=daemon: d.events("daemon_starting"), timeout=20, message=rig.output)  # type: ignore[misc]
-            else:
-                target = len(rig.proxy.puts()) + rng.randint(1, 25)
-                wait_until(lambda t=target: len(rig.proxy.puts()) >= t, timeout=30, message=rig.output)  # type: ignore[misc,union-attr]
-            moments[moment] += 1
-            assert daemon.kill() == -signal.SIGKILL
-            inflight_at_kill.append(states(rig.journal())["uploading"])
-    rig.proxy.delay(0)
-    daemon = rig.start(workers=workers)
-    rig.wait_in_bucket(burst.written, timeout=90)
-    rig.wait_idle(daemon, timeout=60)
-
-    files = len(burst.written)
-    assert states(rig.journal()) == {"uploaded": files}
-    assert rig.objects() == rig.expected()  # every file, byte-identical, and no variant of our own retries
-    reached = [r for r in rig.proxy.puts() if r.origin in ("upstream", "rule")]
-    assert accepted_puts(rig.proxy) == Counter(set(rig.expected()))
-    re_uploads = len(reached) - files
-    assert all(n <= workers for n in inflight_at_kill), inflight_at_kill
-    assert re_uploads <= sum(inflight_at_kill), (re_uploads, inflight_at_kill)
-    tally = rig.audit(f"kill -9 at random moments during a burst ({kills} kills)", kills=kills,
-                      re_uploads=re_uploads, inflight_at_kills=sum(inflight_at_kill), moments=dict(moments))
-    assert tally.variant_objects == 0
-    assert tally.duplicate_puts == re_uploads
-
-
-CI_KILLS = int(os.environ.get("SIDECAR_CI_KILLS", "4"))
-SOAK_KILLS = int(os.environ.get("SIDECAR_SOAK_KILLS", "25"))
+CI_KILLS = int(os.environ.get("SIDECAR_CI_KILLS", "4"))  # the full version (>= 20 kills) is in test_soak.py
 
 
 def test_kill_9_at_random_moments_during_a_burst(rig: Rig) -> None:
     """SIGKILL a few times at random moments of a burst: all files arrive intact; re-uploads ≤ uploads in flight."""
     kill_loop(rig, CI_KILLS, seed=11)
-
-
-@pytest.mark.soak
-@pytest.mark.timeout(1800)
-def test_kill_9_soak(rig: Rig) -> None:
-    """SIGKILL ≥ 20 times at random moments of a burst: all files arrive intact; re-uploads ≤ uploads in flight."""
-    kill_loop(rig, SOAK_KILLS, seed=12)
 
 
 # -- the journal's disk and file --------------------------------------------------------------------------------------

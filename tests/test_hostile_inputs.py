@@ -18,14 +18,9 @@ from pathlib import Path
 
 import pytest
 from support.faults import (
-    MIB,
     Rig,
-    S3Sink,
-    Tally,
     accepted_puts,
-    errors_reported,
     metric,
-    peak_rss_kib,
     scrape,
     states,
     status,
@@ -33,14 +28,13 @@ from support.faults import (
 )
 from support.proxy import R2Proxy
 from support.s3server import S3Server
+from support.scenarios import sparse_upload
 from support.waiting import wait_until
 
 from sidecar.errors import SourceFileError
 from sidecar.localfile import open_regular
-from sidecar.transfer import part_size_for
 
-SPARSE_GIB = float(os.environ.get("SIDECAR_SPARSE_GIB", "1"))  # the soak run uses tens of GB
-SOAK_SPARSE_GIB = float(os.environ.get("SIDECAR_SOAK_SPARSE_GIB", "52"))  # > 10,000 parts of 5 MiB
+SPARSE_GIB = float(os.environ.get("SIDECAR_SPARSE_GIB", "1"))  # tens of GB: test_soak.py
 MANY_FILES = int(os.environ.get("SIDECAR_MANY_FILES", "2000"))
 
 
@@ -385,72 +379,9 @@ def test_open_regular_never_follows_a_folder_swapped_for_a_link_mid_open(tmp_pat
 # -- size and count ----------------------------------------------------------------------------------------------------
 
 
-def expected_md5(path: Path, out: dict[str, str]) -> None:
-    """MD5 of a file, read into one reused buffer (the test's own, independent of the daemon's)."""
-    digest = hashlib.md5()
-    buffer = bytearray(8 * MIB)
-    view = memoryview(buffer)
-    with path.open("rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-    out["md5"] = digest.hexdigest()
-
-
-def sparse_upload(tmp_path: Path, s3: S3Server, gib: float, part_mb: int, scenario: str) -> None:
-    """A sparse file of ``gib`` GiB (random marker blocks, holes between) uploaded to the sink: valid equal
-    parts, every byte in order, and the daemon's peak memory bounded by its parts, not the file."""
-    size = int(gib * 1024**3) + 12_345
-    with S3Sink() as sink:
-        rig = Rig(tmp_path, s3, "sink", endpoint=sink.endpoint, part_size_mb=part_mb, workers=4)
-        try:
-            daemon = rig.start()
-            assert daemon.pid is not None
-            baseline_kib = peak_rss_kib(daemon.pid)
-            path = rig.out / "huge" / "render_00001_.mp4"
-            path.parent.mkdir()
-            rng = random.Random(58)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-            try:
-                os.ftruncate(fd, size)
-                for offset in [*range(0, size - 4096, 1024**3), size - 4096]:
-                    os.pwrite(fd, rng.randbytes(4096), offset)
-            finally:
-                os.close(fd)
-            ours: dict[str, str] = {}
-            hasher = threading.Thread(target=expected_md5, args=(path, ours))
-            hasher.start()
-            key = rig.key("huge/render_00001_.mp4")
-            wait_until(lambda: key in sink.objects, timeout=60 + gib * 30, interval=0.5, message=rig.output)
-            hasher.join()
-            rig.wait_idle(daemon)
-            peak_kib = peak_rss_kib(daemon.pid)
-            obj = sink.objects[key]
-            part = part_size_for(size, part_mb * MIB)
-            uploads = [u for u in sink.uploads.values() if u.key == key]
-            assert sink.errors == []
-            assert (obj.size, obj.md5, obj.metadata.get("md5")) == (size, ours["md5"], ours["md5"])
-            assert (obj.part_size, obj.parts) == (part, -(-size // part)) and obj.parts <= 10_000
-            assert [u.completed for u in uploads] == [True]
-            assert Counter(op for op, _, _ in sink.requests)["CompleteMultipartUpload"] == 1
-            assert peak_kib < 256 * 1024, f"peak RSS {peak_kib} KiB for a {gib} GiB file"
-            Tally(scenario, files_written=1, in_bucket_identical=1, errors_reported=errors_reported(rig.procs),
-                  extra={"file_bytes": size, "parts": obj.parts, "part_bytes": part,
-                         "peak_rss_mib": round(peak_kib / 1024, 1),
-                         "peak_rss_before_mib": round(baseline_kib / 1024, 1)}).record()
-        finally:
-            rig.close()
-
-
 def test_sparse_multi_gb_file_uploads_in_valid_parts_with_bounded_memory(tmp_path: Path, s3_server: S3Server) -> None:
     """A sparse file of SIDECAR_SPARSE_GIB (1) GiB reaches the sink byte-exact in equal parts; peak RSS < 256 MiB."""
     sparse_upload(tmp_path, s3_server, SPARSE_GIB, 16, f"Sparse file of {SPARSE_GIB:g} GiB to the sink")
-
-
-@pytest.mark.soak
-@pytest.mark.timeout(3600)
-def test_sparse_tens_of_gb_file_soak(tmp_path: Path, s3_server: S3Server) -> None:
-    """A sparse file of tens of GB with 5 MiB parts needs > 10,000 parts: the part size grows, memory does not."""
-    sparse_upload(tmp_path, s3_server, SOAK_SPARSE_GIB, 5, f"Sparse file of {SOAK_SPARSE_GIB:g} GiB to the sink")
 
 
 def test_thousands_of_files_in_one_folder_arrive_once_each(tmp_path: Path, s3_server: S3Server, bucket: str) -> None:
