@@ -184,7 +184,12 @@ class Journal:
     # -- discovery ----------------------------------------------------------------------------------
 
     def record(self, candidates: Iterable[Candidate]) -> list[Candidate]:
-        """Record finished files; new or changed ones become pending. Returns those that were queued."""
+        """Record finished files; new or changed ones become pending. Returns those that were queued.
+
+        A changed file whose row is being uploaded keeps its claim (a second claim would upload it twice at
+        once, and two multipart uploads of one key overwrite each other); its new size and mtime make
+        :meth:`mark_uploaded` queue it again when the upload in flight ends.
+        """
         now = self._clock()
         queued: list[Candidate] = []
         with self._tx() as db:
@@ -194,7 +199,9 @@ class Journal:
                     INSERT INTO files (path, size, mtime_ns, state, source, discovered_at, updated_at)
                     VALUES (?, ?, ?, 'pending', ?, ?, ?)
                     ON CONFLICT (path) DO UPDATE SET
-                        size = excluded.size, mtime_ns = excluded.mtime_ns, state = 'pending',
+                        size = excluded.size, mtime_ns = excluded.mtime_ns,
+                        -- a row in flight stays claimed (no second worker); its outcome re-queues it
+                        state = CASE files.state WHEN 'uploading' THEN 'uploading' ELSE 'pending' END,
                         source = excluded.source, attempts = 0, next_attempt_at = 0, last_error = NULL,
                         error_class = NULL, discovered_at = excluded.discovered_at, updated_at = excluded.updated_at
                     WHERE files.size != excluded.size OR files.mtime_ns != excluded.mtime_ns
@@ -237,16 +244,32 @@ class Journal:
             return None
         return max(0.0, float(row[0]) - self._clock())  # type: ignore[arg-type]
 
-    def mark_uploaded(self, row_id: int, *, size: int, mtime_ns: int, md5: str, key: str, etag: str) -> None:
-        """The file's content is in the bucket under ``key``."""
+    def mark_uploaded(
+        self, row_id: int, *, size: int, mtime_ns: int, md5: str, key: str, etag: str,
+        claimed: tuple[int, int] | None = None,
+    ) -> None:
+        """The content read with stat ``size``/``mtime_ns`` is in the bucket under ``key``.
+
+        If the file was recorded again with another size or mtime while it was uploading (neither the one
+        ``claimed`` nor the one uploaded), the row goes back to pending for that newer version instead; the
+        facts of this upload (md5, key, etag) are kept either way.
+        """
         now = self._clock()
+        claimed_size, claimed_mtime = claimed if claimed is not None else (size, mtime_ns)
         with self._tx() as db:
             db.execute(
-                """UPDATE files SET state = 'uploaded', size = ?, mtime_ns = ?, md5 = ?, key = ?, etag = ?,
-                   uploaded_at = ?, updated_at = ?, last_error = NULL, error_class = NULL, upload_id = NULL,
-                   upload_key = NULL
-                   WHERE id = ?""",
-                (size, mtime_ns, md5, key, etag, now, now, row_id),
+                """UPDATE files SET
+                       state = CASE WHEN (size = :size AND mtime_ns = :mtime)
+                                      OR (size = :csize AND mtime_ns = :cmtime) THEN 'uploaded' ELSE 'pending' END,
+                       next_attempt_at = CASE WHEN (size = :size AND mtime_ns = :mtime)
+                                      OR (size = :csize AND mtime_ns = :cmtime) THEN next_attempt_at ELSE 0 END,
+                       size = CASE WHEN size = :csize AND mtime_ns = :cmtime THEN :size ELSE size END,
+                       mtime_ns = CASE WHEN size = :csize AND mtime_ns = :cmtime THEN :mtime ELSE mtime_ns END,
+                       md5 = :md5, key = :key, etag = :etag, uploaded_at = :now, updated_at = :now,
+                       last_error = NULL, error_class = NULL, upload_id = NULL, upload_key = NULL
+                   WHERE id = :id""",
+                {"size": size, "mtime": mtime_ns, "csize": claimed_size, "cmtime": claimed_mtime, "md5": md5,
+                 "key": key, "etag": etag, "now": now, "id": row_id},
             )
 
     def mark_retry(self, row_id: int, *, error: str, error_class: str, delay_s: float, count: bool = True) -> None:

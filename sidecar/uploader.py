@@ -222,7 +222,7 @@ class Uploader:
 
     def _succeeded(self, row: FileRow, result: Result, duration: float) -> None:
         self._journal.mark_uploaded(row.id, size=result.size, mtime_ns=result.mtime_ns, md5=result.md5,
-                                    key=result.key, etag=result.etag)
+                                    key=result.key, etag=result.etag, claimed=(row.size, row.mtime_ns))
         self.breaker.record(reachable=True)
         self._outage_log.recovered("store_recovered", key=result.key)  # once, only after an outage
         self._metrics.store_reachable.set(1)
