@@ -504,8 +504,10 @@ def test_file_changed_during_a_multipart_upload_never_leaves_a_torn_object(rig: 
     assert [r.status for r in aborted] == [204]
     assert rig.s3.direct.list_multipart_uploads(Bucket=rig.bucket).get("Uploads", []) == []
     assert metric(scrape(daemon), "sidecar_uploads_total", outcome="changed") == 1
+    completes = [r.status for r in rig.proxy.requests if r.operation == "CompleteMultipartUpload"]
+    assert completes == [200]  # one upload at a time per file: never two multipart uploads racing on one key
     tally = rig.audit(f"File {change} during a multipart upload (16 MiB)")
-    assert tally.variant_objects == 0 and tally.torn_or_foreign == 0
+    assert tally.variant_objects == 0 and tally.torn_or_foreign == 0 and tally.duplicate_puts == 0
 
 
 def test_file_rewritten_during_a_put_keeps_each_version_whole(rig: Rig) -> None:
