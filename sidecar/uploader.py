@@ -303,7 +303,7 @@ class Uploader:
                 claimed = self.run_once()
             except JournalError:
                 log.exception("journal_read_failed")
-                self._wake.wait(timeout=JOURNAL_RETRY_S)  # a full or broken journal: do not spin on it
+                self._stopping.wait(JOURNAL_RETRY_S)  # a full or broken journal: do not spin on it (_wake may be set)
                 continue
             if claimed:
                 continue
