@@ -121,7 +121,7 @@ class Daemon:
     def _on_ready(self, candidates: list[Candidate]) -> None:
         for c in self.journal.record(candidates):
             self.metrics.files_discovered.labels(source=EVENT_SOURCES.get(c.source, "event")).inc()
-            log.info("file_queued", path=path_text(c.path), bytes=c.size, source=c.source)
+            log.debug("file_queued", path=path_text(c.path), bytes=c.size, source=c.source)
         self.uploader.wake()
 
     # -- scans and watchdog health -------------------------------------------------------------------

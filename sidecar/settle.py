@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +56,7 @@ class Settler:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._root = root
+        self._root_b = os.fsencode(root)
         self._settle_s = settle_s
         self._on_ready = on_ready
         self._on_skip = on_skip
@@ -142,6 +144,8 @@ class Settler:
 
     def _check(self, relpath: bytes, entry: _Entry, now: float) -> Candidate | str | None:
         """A Candidate when finished, a skip reason when never uploadable, None to look again at entry.due."""
+        if entry.seen is None and self._first_look(relpath, entry, now):
+            return None
         try:
             fd, st = open_regular(self._root, relpath)
         except SourceFileError as exc:
@@ -167,6 +171,19 @@ class Settler:
         backoff = self._settle_s * (2 ** min(entry.rechecks - 1, 5)) if writer else self._settle_s
         entry.due = now + max(0.01, min(backoff, MAX_RECHECK_S))
         return None
+
+    def _first_look(self, relpath: bytes, entry: _Entry, now: float) -> bool:
+        """A plain lstat records the first version of a regular file (half the cost of the full check, which
+        opens it safely and asks for writers); True when that was all there was to do this time."""
+        try:
+            st = os.lstat(os.path.join(self._root_b, relpath))
+        except OSError:
+            return False  # the full check names the reason
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        entry.seen, entry.rechecks = st, 1
+        entry.due = now + max(0.01, self._settle_s)
+        return True
 
     # -- thread ---------------------------------------------------------------------------------------
 

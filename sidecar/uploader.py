@@ -134,14 +134,14 @@ class Uploader:
         self._outage_log = RateLimitedLog(log, interval_s=OUTAGE_LOG_EVERY_S)
         self.last_key = ""
         self._progress = threading.local()
+        # Built once: tenacity keeps per-call state thread-local, and a Retrying per request costs CPU.
+        self._fast_retry = self._retrying(FAST_ATTEMPTS)
         self._transfer = transfer_factory(self.retry, self._on_progress)
 
     # -- the in-process retry layer --------------------------------------------------------------------
 
-    def retry(self, fn: Callable[[], T]) -> T:
-        """Run one store call, retrying transient errors a few times within seconds."""
-        attempts = 1 if self.breaker.failures else FAST_ATTEMPTS
-        retrying = Retrying(
+    def _retrying(self, attempts: int) -> Retrying:
+        return Retrying(
             stop=stop_after_attempt(attempts) | stop_when_event_set(self._stopping),
             wait=wait_random_exponential(multiplier=0.2, max=2.0),
             retry=retry_if_exception_type(TransientStoreError),
@@ -149,7 +149,13 @@ class Uploader:
             sleep=self._sleep,
             reraise=True,
         )
-        return retrying(fn)
+
+    def retry(self, fn: Callable[[], T]) -> T:
+        """Run one store call, retrying transient errors a few times within seconds (once while the store is
+        known to be down: the journal's backoff covers outages)."""
+        if self.breaker.failures:
+            return fn()
+        return self._fast_retry(fn)
 
     def _sleep(self, seconds: float) -> None:
         self._stopping.wait(seconds)  # a shutdown cuts the wait short

@@ -251,8 +251,8 @@ def test_healthz_detects_a_replaced_root_and_repairs_the_watcher(
 
     sidecar.write("after.png", b"written after the repair")
     wait_until(lambda: sidecar.proc.events("upload_succeeded"), message=sidecar.proc.output)
-    (queued,) = [e for e in sidecar.proc.events("file_queued") if e["path"] == "after.png"]
-    assert queued["source"] in ("close", "create"), "found by a scan, not by the rebuilt watcher"
+    (uploaded,) = [e for e in sidecar.proc.events("upload_succeeded") if e["path"] == "after.png"]
+    assert uploaded["source"] in ("close", "create"), "found by a scan, not by the rebuilt watcher"
     assert [k.rsplit("/", 1)[-1] for k in s3_server.keys(bucket)] == ["after.png"]
     assert len(sidecar.proc.events("watcher_degraded")) == 1, "the repaired watcher was restarted again"
 
