@@ -17,6 +17,7 @@ import botocore.exceptions as bx
 from botocore.config import Config
 
 from sidecar.errors import KeyExistsError, PermanentStoreError, StoreError, TransientStoreError
+from sidecar.s3_put import LeanPut
 from sidecar.store import MD5_METADATA, ObjectInfo
 
 if TYPE_CHECKING:
@@ -62,7 +63,9 @@ def client_config(settings: Settings) -> Config:
     return Config(
         region_name=settings.region,
         signature_version="s3v4",
-        s3={"addressing_style": "path" if settings.endpoint_url else "auto"},
+        # Path-style on every explicit endpoint (R2 included): one host for all buckets, and the lean PUT
+        # path (sidecar.s3_put) builds its URLs that way.
+        s3={"addressing_style": "path" if settings.resolved_endpoint else "auto"},
         retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=settings.connect_timeout_s,
         read_timeout=settings.read_timeout_s,
@@ -147,6 +150,8 @@ class S3Store:
         self._bucket = bucket
         self._secrets = tuple(s for s in secrets if s)
         self.endpoint = str(client.meta.endpoint_url)
+        self._observer = observer
+        self._lean = LeanPut(client, bucket) if LeanPut.available(client) else None
         if observer is not None:
             client.meta.events.register("needs-retry.s3", self._make_hook(observer))
 
@@ -170,10 +175,13 @@ class S3Store:
         # R2 quirk: an explicit Content-MD5 is the integrity check R2 honours (BadDigest on mismatch), and its
         # single-part ETag is that MD5, so the upload is verified without a HEAD. If-None-Match makes the
         # write refuse to replace an object (ComfyUI reuses names after local deletes).
-        response = self._call(
-            "PutObject", key, self._client.put_object, Key=key, Body=data, ContentMD5=_md5_b64(md5_hex),
-            ContentType=content_type, Metadata={MD5_METADATA: md5_hex}, IfNoneMatch="*",
-        )
+        if self._lean is not None:
+            response = self._lean_put(key, data, md5_hex=md5_hex, content_type=content_type)
+        else:
+            response = self._call(
+                "PutObject", key, self._client.put_object, Key=key, Body=data, ContentMD5=_md5_b64(md5_hex),
+                ContentType=content_type, Metadata={MD5_METADATA: md5_hex}, IfNoneMatch="*",
+            )
         etag = _etag(response)
         if etag and etag != md5_hex:
             raise TransientStoreError(
@@ -181,6 +189,24 @@ class S3Store:
                 code="ETagMismatch",
             )
         return etag
+
+    def _lean_put(self, key: str, data: bytes, *, md5_hex: str, content_type: str) -> dict[str, Any]:
+        assert self._lean is not None
+        headers = {"Content-MD5": _md5_b64(md5_hex), "Content-Type": content_type, "If-None-Match": "*",
+                   f"x-amz-meta-{MD5_METADATA}": md5_hex}
+        status = "error"
+        try:
+            response = self._lean.put(key, data, headers)
+            status = str(response["HTTPStatusCode"])
+            return response
+        except bx.ClientError as exc:
+            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "error"))
+            raise classify(exc, operation="PutObject", key=key, secrets=self._secrets) from None
+        except Exception as exc:  # connection errors come as botocore exceptions, like the client's
+            raise classify(exc, operation="PutObject", key=key, secrets=self._secrets) from None
+        finally:
+            if self._observer is not None:
+                self._observer("PutObject", status)
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
