@@ -60,6 +60,7 @@ def _command(env: dict[str, str], log_dir: Path, outputs: Outputs, *args: str) -
 @pytest.fixture
 def secret_env(tmp_path: Path, r2_proxy: R2Proxy, bucket: str) -> dict[str, str]:
     """A daemon environment whose key id, secret key and HTTP token are marker values; DEBUG logging."""
+    r2_proxy.rules.signing_secret = SECRET_KEY  # the proxy verifies SigV4 with the daemon's (marker) secret
     return sidecar_env(
         tmp_path, r2_proxy.endpoint, bucket, ca_bundle=r2_proxy.ca_bundle, access_key_id=KEY_ID,
         secret_access_key=SECRET_KEY, http_token=TOKEN, log_level="DEBUG", max_attempts=1,

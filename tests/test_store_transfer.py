@@ -175,3 +175,29 @@ def test_part_size_keeps_under_ten_thousand_parts() -> None:
     for size in (200 * 1024**3, 4 * 1024**4, 5 * 1024**4 - 1):
         part = part_size_for(size, 16 * MIB)
         assert part % MIB == 0 and -(-size // part) <= MAX_PARTS
+
+
+@pytest.mark.parametrize("name", ["a b/c%d:e+f=g&h@i,j;k$.png", "émoji 😀/%date:yyyy-MM-dd%/x.png", "t~u!v'w(x)*.png"])
+def test_lean_put_signature_is_valid_for_odd_keys(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server,
+                                                  bucket: str, name: str) -> None:
+    """The lean PUT path signs keys with spaces, %, :, +, & and emoji so that a SigV4 verifier accepts them."""
+    assert store._lean is not None  # the path under test
+    store.put(name, b"odd", md5_hex=md5(b"odd"), content_type="image/png")
+    assert s3_server.objects(bucket) == {name: b"odd"}
+    (put,) = r2_proxy.puts()
+    assert put.headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"  # https + Content-MD5, as boto3 does
+
+
+def test_wrong_secret_is_refused_on_both_paths(r2_proxy: R2Proxy, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proxy's SigV4 check refuses a wrong secret on the lean PUT and on boto3's own calls alike."""
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(r2_proxy.ca_bundle))
+    settings = load_settings(bucket=bucket, endpoint_url=r2_proxy.endpoint, region="us-east-1",
+                             access_key_id="testing", secret_access_key="not-the-secret")
+    store = S3Store(make_client(settings), bucket, secrets=["not-the-secret"])
+    with pytest.raises(PermanentStoreError) as lean:
+        store.put("k", b"x", md5_hex=md5(b"x"), content_type="image/png")
+    with pytest.raises(PermanentStoreError) as boto:
+        store.head("k")
+    assert lean.value.code == "SignatureDoesNotMatch"
+    assert boto.value.code in ("SignatureDoesNotMatch", "AccessDenied")
+    assert "not-the-secret" not in str(lean.value) + str(boto.value)

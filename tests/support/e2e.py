@@ -135,6 +135,8 @@ class World:
         settings: dict[str, str | float] = {"RUNPOD_POD_ID": POD_ID, "settle_s": 0.05}
         settings.update(extra)
         self.env = sidecar_env(tmp_path, proxy.endpoint, bucket, ca_bundle=proxy.ca_bundle, **settings)
+        if proxy.rules.signing_secret is not None:  # the proxy checks SigV4 with the secret the daemon uses
+            proxy.rules.signing_secret = self.env["SIDECAR_SECRET_ACCESS_KEY"]
         self.written: dict[str, bytes] = {}
         self._procs: list[DaemonProcess] = []
 

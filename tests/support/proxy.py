@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -32,6 +32,7 @@ from xml.sax.saxutils import escape
 import boto3
 from botocore.config import Config
 
+from . import sigv4
 from .s3server import DUMMY_KEY_ID, DUMMY_SECRET, REGION
 from .tls import TlsFiles
 
@@ -182,13 +183,14 @@ class R2Rules:
     enforce_if_none_match: bool = True  # 412 for PUT If-None-Match: * on an existing key
     equal_part_sizes: bool = True  # InvalidPart at completion when non-final parts differ in size
     min_part_size: int = 0  # EntityTooSmall at completion for a non-final part below this; 0 = off
+    signing_secret: str | None = DUMMY_SECRET  # 403 SignatureDoesNotMatch if signed otherwise; None = off
 
     @classmethod
     def off(cls) -> R2Rules:
         return cls(
             reject_aws_chunked=False, reject_crc64nvme=False, reject_empty_storage_class=False,
             reject_tagging=False, max_key_bytes=None, verify_content_md5=False,
-            enforce_if_none_match=False, equal_part_sizes=False, min_part_size=0,
+            enforce_if_none_match=False, equal_part_sizes=False, min_part_size=0, signing_secret=None,
         )
 
 
@@ -326,7 +328,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply_error(rec, _Rejection(fault.status, fault.code, fault.message), "fault")
             return
 
-        rejection = proxy._check_rules(rec, payload)
+        rejection = proxy._check_signature(self.command, self.path, self.headers.items(), body)
+        rejection = rejection or proxy._check_rules(rec, payload)
         if rejection is not None:
             self._reply_error(rec, rejection, "rule")
             return
@@ -699,6 +702,21 @@ class R2Proxy:
         return None
 
     # -- R2 rules -------------------------------------------------------------------------------------
+    def _check_signature(
+        self, method: str, raw_path: str, raw_headers: Iterable[tuple[str, str]], body: bytes
+    ) -> _Rejection | None:
+        secret = self.rules.signing_secret
+        if secret is None:
+            return None
+        headers = {k.lower(): v for k, v in raw_headers}
+        if "authorization" not in headers:
+            return None  # hand-made unsigned requests of the proxy's own tests; clients always sign
+        problem = sigv4.verify(method, raw_path, headers, body, secret)
+        if problem is None:
+            return None
+        message = f"The request signature we calculated does not match ({problem})"
+        return _Rejection(403, "SignatureDoesNotMatch", message)
+
     def _check_rules(self, rec: RecordedRequest, payload: bytes) -> _Rejection | None:
         """The first R2 rule this request breaks, in the order R2 would notice it."""
         for check in (self._check_headers, self._check_key, self._check_digest, self._check_parts):
