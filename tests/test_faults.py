@@ -470,9 +470,9 @@ def test_deaf_watcher_after_the_root_is_replaced_is_rebuilt_and_rescanned(rig: R
     assert degraded and degraded[0]["reason"] == "root_replaced"
     assert daemon.events("watcher_restarted")
     assert [e for e in daemon.events("scan_completed") if e["trigger"] == "watcher_restart"]
-    samples = scrape(daemon)
-    assert metric(samples, "sidecar_watcher_restarts_total", reason="root_replaced") >= 1
-    assert metric(samples, "sidecar_watcher_up") == 1  # proven again by the canary after the rebuild
+    assert metric(scrape(daemon), "sidecar_watcher_restarts_total", reason="root_replaced") >= 1
+    wait_until(lambda: metric(scrape(daemon), "sidecar_watcher_up") == 1, timeout=15,  # the canary proves it again
+               message=rig.output)
     one_accepted_put_per_file(rig)
     tally = rig.audit("Deaf watcher: watched root deleted and recreated")
     assert tally.errors_reported >= 1

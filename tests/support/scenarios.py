@@ -109,7 +109,11 @@ def outage_under_stream(rig: Rig, *, outage_files: int, min_retries: int, scenar
     one_accepted_put_per_file(rig)
     log_lines = sum(len(proc.log_lines()) for proc in rig.procs)
     tally = rig.audit(scenario, outage_files=len(stream.written) - before, log_lines=log_lines)
-    assert tally.duplicate_puts == 0 and tally.variant_objects == 0
+    # A PUT the store took just before the cut lost only its answer: its retry gets 412 and a HEAD, never a
+    # second write; at most one such PUT per worker.
+    refused = [r for r in proxy.puts() if r.status == 412]
+    assert tally.duplicate_puts == len(refused) <= int(rig.env.get("SIDECAR_WORKERS", "4"))
+    assert tally.variant_objects == 0
     assert tally.errors_reported >= min_retries
     return tally
 
