@@ -524,7 +524,7 @@ def test_file_rewritten_during_a_put_keeps_each_version_whole(rig: Rig) -> None:
     final = payload(rng, 20_000, 20_001)
     rig.write(rel, final)  # truncate and rewrite in place
     rig.proxy.delay(0)
-    wait_until(lambda: len(rig.keys()) == 2, timeout=30, message=rig.output)
+    wait_until(lambda: len(accepted_puts(rig.proxy)) == 2, timeout=30, message=rig.output)  # type: ignore[arg-type]
     rig.wait_idle(daemon)
 
     objects = rig.objects()
