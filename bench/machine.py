@@ -39,9 +39,13 @@ def _py_version(module: str) -> str:
     return _first_line([sys.executable, "-c", code])
 
 
+def commit(repo: Path) -> str:
+    return _first_line(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+
+
 def describe(tools: dict[str, str], sidecar_version: str, repo: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-    commit = _first_line(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+    commit_at_start = commit(repo)
     status = ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--", "sidecar"]
     dirty = subprocess.run(status, capture_output=True, text=True, check=False).stdout.strip()
     return {
@@ -54,7 +58,7 @@ def describe(tools: dict[str, str], sidecar_version: str, repo: Path) -> dict[st
         "aws": _first_line([tools["aws"], "--version"]),
         "localbucket": _py_version("localbucket"),
         "inotifywait": _first_line([tools["inotifywait"], "--help"]).replace("\n", " "),
-        "sidecar": f"{sidecar_version} (work tree at {commit}{', sidecar/ modified' if dirty else ''})",
+        "sidecar": f"{sidecar_version} (work tree at {commit_at_start}{', sidecar/ modified' if dirty else ''})",
     }
 
 

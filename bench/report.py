@@ -118,7 +118,8 @@ def steady_table(aggs: dict[str, Agg]) -> str:
 
 def large_table(aggs: dict[str, Agg]) -> str:
     ceiling = aggs["boto3"].median("mib_per_s") if "boto3" in aggs else float("nan")
-    rows = [[LABELS.get(a.peer, a.peer), a.cell("mib_per_s"), a.cell("seconds", 2),
+    label = {**LABELS, "boto3": "raw boto3 upload_file, 8 threads (ceiling)"}
+    rows = [[label.get(a.peer, a.peer), a.cell("mib_per_s"), a.cell("seconds", 2),
              ratio(a.median("mib_per_s"), ceiling), a.cell("peak_rss_mb"), a.cell("cpu_s", 2),
              a.cell("requests"), a.cell("background_cores", 2), notes_cell(a)] for a in aggs.values()]
     return table(["tool", "MiB/s", "close → committed, s", "x ceiling", "peak RSS MB", "CPU s", "requests",
@@ -150,3 +151,23 @@ def idle_table(aggs: dict[str, Agg]) -> str:
 
 TABLES = {"burst": burst_table, "steady": steady_table, "large": large_table, "cold": cold_table,
           "idle": idle_table}
+
+
+def summary_table(aggs: dict[str, dict[str, Agg]]) -> str:
+    """One row per tool, the headline figure of each workload (medians)."""
+    def get(workload: str, peer: str) -> Agg:
+        return aggs.get(workload, {}).get(peer) or Agg(peer)
+
+    order = ["boto3", "boto3-md5", "raw-put", "sidecar", "rclone", "rclone-fast", "aws-cp", "aws-sync", "inotify"]
+    peers = [p for p in order if any(p in a for a in aggs.values())]
+    rows = []
+    for p in peers:
+        b, s, lg, c, i = (get(w, p) for w in ("burst", "steady", "large", "cold", "idle"))
+        cold = f"{c.cell('seconds', 1)} s, {c.cell('requests')} req" if c.values else "—"
+        idle = f"{i.cell('cpu_pct', 2)} %, {i.cell('rss_mb')} MB" if i.values else "—"
+        rows.append([LABELS.get(p, p), b.cell("files_per_s"), b.cell("cpu_s_per_1000", 2),
+                     b.cell("requests_per_file", 2), s.cell("p99_ms"), s.cell("requests_per_file", 2),
+                     lg.cell("mib_per_s"), cold, idle])
+    return table(["tool", "burst files/s", "burst CPU s/1000 files", "burst req/file", "steady p99 ms",
+                  "steady req/file", "large MiB/s", "cold start (time, requests)", "idle (CPU of a core, RSS)"],
+                 rows)
