@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     retry_cap_s: float = Field(default=300.0, gt=0)
 
     # When to upload.
-    settle_s: float = Field(default=0.25, ge=0)
+    settle_s: float = Field(default=0.15, ge=0)
     scan_interval_s: float = Field(default=300.0, gt=0)
     drain_timeout_s: float = Field(default=4.0, ge=0)
 
