@@ -68,7 +68,8 @@ class Daemon:
         policy = RetryPolicy(settings.max_attempts, settings.retry_base_s, settings.retry_cap_s)
         self.uploader = Uploader(self.journal, transfer_factory, workers=settings.workers, policy=policy,
                                  metrics=self.metrics, settle_s=settings.settle_s)
-        self.scanner = Scanner(self.root, journal=self.journal, path_filter=self.filter, offer=self.settler.offer)
+        self.scanner = Scanner(self.root, journal=self.journal, path_filter=self.filter, offer=self.settler.offer,
+                               backlog=self.settler.__len__)
         self.watcher = Watcher(self.root, on_path=self._on_path, on_dir=self._on_dir, on_overflow=self._on_overflow)
         self.canary = Canary(self.root)
         self._watcher_log = RateLimitedLog(log, interval_s=60.0)  # a root that stays unusable retries every 2 s

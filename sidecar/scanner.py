@@ -2,7 +2,8 @@
 
 A file the journal does not know, or knows with another size or mtime, is offered to the settler like
 any event. The walk never follows symlinks and skips hidden folders. Journal lookups are batched so a
-tree of 100,000 files costs about 200 queries and bounded memory.
+tree of 100,000 files costs about 200 queries, and the walk pauses while the settler holds more than
+``MAX_BACKLOG`` candidates, so memory stays bounded however many files are new.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from sidecar.keys import path_text
 log = structlog.get_logger("sidecar.scanner")
 
 BATCH = 500
+MAX_BACKLOG = 2_000  # candidates held by the settler before the walk pauses
+BACKLOG_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +47,13 @@ class Scanner:
         journal: Journal,
         path_filter: PathFilter,
         offer: Callable[[bytes, str], None],
+        backlog: Callable[[], int] = lambda: 0,
+        max_backlog: int = MAX_BACKLOG,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._root = os.fsencode(root)
+        self._backlog = backlog
+        self._max_backlog = max_backlog
         self._journal = journal
         self._filter = path_filter
         self._offer = offer
@@ -63,8 +70,15 @@ class Scanner:
             if len(batch) >= BATCH:
                 offered += self._reconcile(batch)
                 batch = []
+                self._wait_for_room()
         offered += self._reconcile(batch)
         return ScanResult(files=files, offered=offered, duration_s=self._clock() - started)
+
+    def _wait_for_room(self) -> None:
+        """Backpressure: a cold start over 100,000 unknown files must not hold them all in memory at once.
+        The settler hands confirmed files to the journal (on disk); the walk waits while it is full."""
+        while self._backlog() > self._max_backlog:
+            time.sleep(BACKLOG_POLL_S)
 
     def _reconcile(self, batch: list[tuple[bytes, int, int]]) -> int:
         known = self._journal.known([rel for rel, _, _ in batch])

@@ -242,3 +242,23 @@ def test_close_event_brings_the_next_check_forward(setup: tuple[Settler, Clock, 
     clock.now += 0.5
     settler.run_once()
     assert [(c.path, c.size) for c in got.ready] == [(b"a.png", 12)]
+
+
+def test_scan_pauses_while_the_settler_is_full(tmp_path: Path) -> None:
+    """A walk over many new files waits while too many candidates are held, then goes on (bounded memory)."""
+    root = tmp_path / "out"
+    root.mkdir()
+    for n in range(1500):
+        (root / f"{n:05d}.png").write_bytes(b"x")
+    offered: list[bytes] = []
+    released = threading.Event()
+    scanner = Scanner(root, journal=Journal(tmp_path / "j.sqlite3"), path_filter=PathFilter(["png"]),
+                      offer=lambda rel, source: offered.append(rel),
+                      backlog=lambda: 0 if released.is_set() else len(offered), max_backlog=600)
+    walker = threading.Thread(target=scanner.scan)
+    walker.start()
+    wait_until(lambda: len(offered) >= 1000, timeout=10, message="the walk never reached its second batch")
+    assert walker.is_alive() and len(offered) == 1000  # paused after the batch that crossed the limit
+    released.set()
+    walker.join(timeout=10)
+    assert not walker.is_alive() and len(offered) == 1500
