@@ -9,8 +9,6 @@ import os
 import re
 import shutil
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from support.daemon import DaemonProcess, sidecar_env
+from support.localhttp import http_get
 from support.proxy import R2Proxy
 from support.s3server import S3Server
 from support.waiting import wait_until
@@ -29,7 +28,6 @@ from sidecar.metrics import JournalCollector, Metrics
 from sidecar.watcher import Watcher
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore any HTTP(S)_PROXY
 TOKEN = "obs-t0ken-4b9e"
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d+Z$")
 SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
@@ -68,15 +66,7 @@ class Sidecar:
     env: dict[str, str]
 
     def get(self, path: str, token: str | None = None) -> tuple[int, bytes]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
-        if token is not None:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with OPENER.open(request, timeout=5) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as err:
-            with err:
-                return err.code, err.read()
+        return http_get(f"http://127.0.0.1:{self.port}{path}", token)
 
     def json(self, path: str, token: str | None = None) -> tuple[int, Any]:
         status, body = self.get(path, token)

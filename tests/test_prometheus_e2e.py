@@ -21,26 +21,19 @@ from typing import Any
 import pytest
 import yaml  # PyYAML arrives with moto[server], a test dependency
 from support.daemon import DaemonProcess, sidecar_env
+from support.localhttp import http_get
 from support.proxy import R2Proxy
 from support.s3server import S3Server, free_port
 from support.tls import TlsFiles
 from support.waiting import wait_until
 
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus-alerts.yml"
 JOB = "comfyui-r2-sidecar"
 FILES = {"a.png": 100, "b.png": 2000, "sub/c.webp": 30_000, "sub/d.png": 4}
 
 
 def _get(url: str) -> tuple[int, bytes]:
-    try:
-        with OPENER.open(url, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as err:
-        with err:
-            return err.code, err.read()
-    except OSError:
-        return 0, b""
+    return http_get(url)
 
 
 @dataclass

@@ -4,17 +4,15 @@ output of full runs of every command (real subprocesses, real S3 server behind t
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 from support.daemon import DaemonProcess, sidecar_env
+from support.localhttp import http_get
 from support.proxy import R2Proxy
 from support.waiting import wait_until
 
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 KEY_ID = f"AKIDMARKER{uuid.uuid4().hex[:10].upper()}"
 SECRET_KEY = f"secretmarker/{uuid.uuid4().hex}+x"
 TOKEN = f"tokenmarker-{uuid.uuid4().hex}"
@@ -36,15 +34,7 @@ class Outputs:
 
 
 def _get(port: int, path: str, token: str | None) -> tuple[int, bytes]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with OPENER.open(request, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as err:
-        with err:
-            return err.code, err.read()
+    return http_get(f"http://127.0.0.1:{port}{path}", token)
 
 
 def _command(env: dict[str, str], log_dir: Path, outputs: Outputs, *args: str) -> tuple[int, str, str]:
