@@ -90,7 +90,11 @@ def measure_watcher(
     workers: int = 0, poll_s: float = 0.1,
 ) -> Observed:
     """Start ``peer`` watching ``watch``, run ``writer``, wait until every file is in ``bucket`` or cap_s."""
-    running = start_watcher(ctx, peer, watch, bucket, state, workers=workers)
+    try:
+        running = start_watcher(ctx, peer, watch, bucket, state, workers=workers)
+    except RuntimeError as exc:  # a tool that does not start is a result (DNF), not the end of the bench
+        return Observed(t0=time.time(), expected={}, closed={}, committed={}, cpu_s=0.0, peak_rss=0, peak_hwm=0,
+                        peak_procs=0, requests=Counter(), stop_reason=f"did not start: {str(exc)[-300:]}")
     limits = proctree.Limits(deadline=time.monotonic() + cap_s + 2)
     sampler = proctree.Sampler(running.pid, limits=limits)
     expected: dict[str, int] = {}

@@ -40,7 +40,8 @@ def _py_version(module: str) -> str:
 
 
 def commit(repo: Path) -> str:
-    return _first_line(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+    """The last commit that touched the daemon's code (sidecar/), short form."""
+    return _first_line(["git", "-C", str(repo), "log", "-1", "--format=%h", "--", "sidecar"])
 
 
 def describe(tools: dict[str, str], sidecar_version: str, repo: Path) -> dict[str, str]:
@@ -58,7 +59,8 @@ def describe(tools: dict[str, str], sidecar_version: str, repo: Path) -> dict[st
         "aws": _first_line([tools["aws"], "--version"]),
         "localbucket": _py_version("localbucket"),
         "inotifywait": _first_line([tools["inotifywait"], "--help"]).replace("\n", " "),
-        "sidecar": f"{sidecar_version} (work tree at {commit_at_start}{', sidecar/ modified' if dirty else ''})",
+        "sidecar": f"{sidecar_version} (sidecar/ last changed in {commit_at_start}"
+                   f"{', uncommitted changes in sidecar/' if dirty else ''})",
     }
 
 

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     info["duration"] = f"{time.monotonic() - t0:.0f} s"
     end_commit = machine.commit(REPO)
     if end_commit not in info["sidecar"]:
-        info["sidecar"] += f"; **the work tree moved to {end_commit} during the run**: later runs used newer code"
+        info["sidecar"] += f"; **sidecar/ changed ({end_commit}) during the run**: later runs used newer code"
     markdown = render(args, info, started, results, sys.argv[1:])
     print(markdown)
     args.output.parent.mkdir(parents=True, exist_ok=True)
