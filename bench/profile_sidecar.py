@@ -35,7 +35,7 @@ from harness import fresh_dir  # noqa: E402
 from lbserver import LocalBucket  # noqa: E402
 
 AREAS = [  # first match wins, tested against the whole stack
-    ("boto3/botocore/urllib3 (the S3 request itself)", ("botocore/", "urllib3/", "http/client")),
+    ("boto3/botocore/urllib3 (the S3 request itself)", ("botocore/", "urllib3/", "http/client", "sidecar/s3_put.py")),
     ("logging (structlog + stdlib bridge)", ("structlog/", "logging/", "sidecar/logs.py")),
     ("journal (SQLite)", ("sidecar/journal.py",)),
     ("settle (stability check)", ("sidecar/settle.py",)),
