@@ -55,6 +55,13 @@ def main() -> int:
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sidecar-memtrace-", dir="/var/tmp"))
     server = LocalBucket(work)
+    cleaned = threading.Lock()
+
+    def cleanup() -> None:
+        if cleaned.acquire(blocking=False):
+            server.stop()
+            shutil.rmtree(work, ignore_errors=True)
+
     server.start()
     try:
         tree = fresh_dir(work / "tree")
@@ -78,6 +85,7 @@ def main() -> int:
                 if arrived >= len(expected):
                     time.sleep(2)
                     print(report("all uploaded (+2 s)", args.top), flush=True)
+                    cleanup()  # the daemon may leave with os._exit, skipping the finally below
                     os.kill(os.getpid(), 15)  # the daemon's own SIGTERM handling stops it
                     return
 
@@ -86,8 +94,7 @@ def main() -> int:
         done.set()
         return int(code or 0)
     finally:
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        cleanup()
 
 
 if __name__ == "__main__":
