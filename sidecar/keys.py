@@ -50,7 +50,9 @@ class KeyBuilder:
         stem, dot, ext = filename.rpartition(".")
         if not dot:
             stem, ext = filename, ""
-        date = dt.datetime.fromtimestamp(mtime_ns / 1e9, tz=dt.UTC).strftime("%Y-%m-%d")
+        date = ""
+        if "{date}" in self.template:  # strftime per file shows in the burst profile; most templates lack it
+            date = dt.datetime.fromtimestamp(mtime_ns / 1e9, tz=dt.UTC).strftime("%Y-%m-%d")
         key = self.template.format(
             pod_id=self.pod_id, relpath=rel, filename=filename, stem=stem, ext=ext, date=date, md5=md5
         )
