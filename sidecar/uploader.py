@@ -38,6 +38,7 @@ log = structlog.get_logger("sidecar.uploader")
 T = TypeVar("T")
 
 FAST_ATTEMPTS = 3
+FIRST_RETRY_MAX_S = 0.2
 PROGRESS_EVERY_S = 5.0
 JOURNAL_RETRY_S = 1.0
 OUTAGE_LOG_EVERY_S = 60.0
@@ -135,7 +136,7 @@ class Uploader:
         self.last_key = ""
         self._progress = threading.local()
         # Built once: tenacity keeps per-call state thread-local, and a Retrying per request costs CPU.
-        self._fast_retry = self._retrying(FAST_ATTEMPTS)
+        self._fast_retry = self._retrying(FAST_ATTEMPTS - 1)
         self._transfer = transfer_factory(self.retry, self._on_progress)
 
     # -- the in-process retry layer --------------------------------------------------------------------
@@ -155,17 +156,28 @@ class Uploader:
         known to be down: the journal's backoff covers outages)."""
         if self.breaker.failures:
             return fn()
-        return self._fast_retry(fn)
+        try:
+            return fn()  # the common case, without tenacity's machinery (3.8% of burst CPU in the profile)
+        except TransientStoreError as exc:
+            if self._stopping.is_set():
+                raise
+            delay = random.uniform(0, FIRST_RETRY_MAX_S)
+            self._note_fast_retry(exc, attempt=1, delay=delay)
+            self._sleep(delay)
+        return self._fast_retry(fn)  # the remaining FAST_ATTEMPTS - 1 attempts
 
     def _sleep(self, seconds: float) -> None:
         self._stopping.wait(seconds)  # a shutdown cuts the wait short
 
     def _log_fast_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, StoreError):
-            self._metrics.retries.labels(error_class=exc.error_class).inc()
-            log.info("upload_retry_scheduled", key=exc.key, attempt=state.attempt_number, error=str(exc),
-                     error_class=exc.error_class, delay_s=round(state.upcoming_sleep, 3), layer="fast")
+        if isinstance(exc, StoreError):  # attempt 1 was made outside tenacity, by retry()
+            self._note_fast_retry(exc, attempt=state.attempt_number + 1, delay=state.upcoming_sleep)
+
+    def _note_fast_retry(self, exc: StoreError, *, attempt: int, delay: float) -> None:
+        self._metrics.retries.labels(error_class=exc.error_class).inc()
+        log.info("upload_retry_scheduled", key=exc.key, attempt=attempt, error=str(exc),
+                 error_class=exc.error_class, delay_s=round(delay, 3), layer="fast")
 
     # -- dispatch -----------------------------------------------------------------------------------
 
