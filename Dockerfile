@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# A ComfyUI image with comfyui-r2-sidecar baked in, both run by supervisord (see docs/DEPLOY.md).
+# A ComfyUI image with comfyui-r2-sidecar baked in, both run by supervisord (see "Deploying on RunPod" in README.md).
 #
 #   docker build -t my-comfyui-r2 .
 #   docker build --build-arg COMFYUI_IMAGE=<your ComfyUI image> \
