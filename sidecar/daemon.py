@@ -16,6 +16,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from sidecar import __version__
+from sidecar.backoff import RetryPolicy
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, SidecarError, StoreError
 from sidecar.filters import PathFilter
@@ -28,7 +29,7 @@ from sidecar.scanner import Scanner
 from sidecar.settle import Settler
 from sidecar.store_s3 import S3Store, make_client
 from sidecar.transfer import Transfer
-from sidecar.uploader import RetryPolicy, Uploader
+from sidecar.uploader import Uploader
 from sidecar.watcher import LIMIT_HINT, Watcher
 
 log = structlog.get_logger("sidecar.daemon")

@@ -11,13 +11,14 @@ from prometheus_client import CollectorRegistry
 from support.proxy import R2Proxy
 from support.s3server import S3Server
 
+from sidecar.backoff import Breaker, RetryPolicy, backoff
 from sidecar.config import load_settings
 from sidecar.journal import Candidate, Journal
 from sidecar.keys import KeyBuilder
 from sidecar.metrics import Metrics
 from sidecar.store_s3 import S3Store, make_client
 from sidecar.transfer import MIB, Transfer
-from sidecar.uploader import Breaker, RetryPolicy, Uploader, backoff
+from sidecar.uploader import Uploader
 
 POLICY = RetryPolicy(max_attempts=3, base_s=1.0, cap_s=8.0)
 
