@@ -11,7 +11,9 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -86,24 +88,40 @@ class JournalRow:
     error_class: str | None
     key: str | None
     size: int
+    upload_id: str | None = None
 
 
 def journal_rows(state_dir: Path) -> dict[str, JournalRow]:
     """Every journal row by relative path, read through a separate read-only SQLite connection."""
-    db_path = state_dir / "journal.sqlite3"
+    return read_journal(state_dir / "journal.sqlite3")
+
+
+def read_journal(db_path: Path) -> dict[str, JournalRow]:
+    """Every row of the journal at ``db_path`` by relative path (``os.fsdecode``), read-only.
+
+    A journal inside another mount namespace (``/proc/<pid>/root/...``, which SQLite cannot open by name) is
+    read from a copy of the database and its WAL.
+    """
     if not db_path.exists():
         return {}
+    if str(db_path).startswith("/proc/"):
+        with tempfile.TemporaryDirectory(prefix="journal-copy-") as tmp:
+            for suffix in ("", "-wal"):
+                source = Path(f"{db_path}{suffix}")
+                if source.exists():
+                    shutil.copyfile(source, Path(tmp) / f"journal.sqlite3{suffix}")
+            return read_journal(Path(tmp) / "journal.sqlite3")
     conn = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True, timeout=5)
     try:
         rows = conn.execute(
-            "SELECT path, state, attempts, last_error, error_class, key, size FROM files"
+            "SELECT path, state, attempts, last_error, error_class, key, size, upload_id FROM files"
         ).fetchall()
     finally:
         conn.close()
     out = {}
-    for path, state, attempts, last_error, error_class, key, size in rows:
-        rel = bytes(path).decode("utf-8", errors="surrogateescape")
-        out[rel] = JournalRow(rel, state, attempts, last_error, error_class, key, size)
+    for path, state, attempts, last_error, error_class, key, size, upload_id in rows:
+        rel = os.fsdecode(bytes(path))
+        out[rel] = JournalRow(rel, state, attempts, last_error, error_class, key, size, upload_id)
     return out
 
 

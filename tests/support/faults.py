@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.keys import path_text
 
 from .daemon import DaemonProcess, sidecar_env
+from .e2e import JournalRow as Row
+from .e2e import read_journal as journal_rows
 from .proxy import R2Proxy, RecordedRequest
 from .s3server import S3Server
 from .waiting import wait_until
@@ -168,48 +169,6 @@ def metric(samples: Samples, name: str, **labels: str) -> float:
     """Sum of the samples called ``name`` whose labels include ``labels`` (0 if none)."""
     wanted = set(labels.items())
     return sum(v for (n, lab), v in samples.items() if n == name and wanted <= lab)
-
-
-@dataclass(frozen=True)
-class Row:
-    """One journal row as the tests see it."""
-
-    path: str
-    state: str
-    attempts: int
-    last_error: str | None
-    error_class: str | None
-    key: str | None
-    upload_id: str | None
-
-
-def journal_rows(db_path: Path) -> dict[str, Row]:
-    """Every journal row by relative path (``os.fsdecode``), read through a separate read-only connection.
-
-    A journal inside another mount namespace (``/proc/<pid>/root/...``, which SQLite cannot open by name) is
-    read from a copy of the database and its WAL.
-    """
-    if not db_path.exists():
-        return {}
-    if str(db_path).startswith("/proc/"):
-        with tempfile.TemporaryDirectory(prefix="journal-copy-") as tmp:
-            for suffix in ("", "-wal"):
-                source = Path(f"{db_path}{suffix}")
-                if source.exists():
-                    shutil.copyfile(source, Path(tmp) / f"journal.sqlite3{suffix}")
-            return journal_rows(Path(tmp) / "journal.sqlite3")
-    conn = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True, timeout=5)
-    try:
-        rows = conn.execute(
-            "SELECT path, state, attempts, last_error, error_class, key, upload_id FROM files"
-        ).fetchall()
-    finally:
-        conn.close()
-    out = {}
-    for path, state, attempts, last_error, error_class, key, upload_id in rows:
-        rel = os.fsdecode(bytes(path))
-        out[rel] = Row(rel, state, attempts, last_error, error_class, key, upload_id)
-    return out
 
 
 def states(rows: Mapping[str, Row]) -> Counter[str]:
