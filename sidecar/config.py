@@ -68,6 +68,7 @@ class Settings(BaseSettings):
 
     # When to upload.
     settle_s: float = Field(default=0.15, ge=0)
+    quiet_s: float = Field(default=3.0, gt=0, le=3600)  # no writer evidence: this long without a change
     scan_interval_s: float = Field(default=300.0, gt=0)
     drain_timeout_s: float = Field(default=4.0, ge=0)
 

@@ -31,12 +31,13 @@ from sidecar.store_s3 import S3Store, make_client
 from sidecar.transfer import Transfer
 from sidecar.uploader import Uploader
 from sidecar.watcher import LIMIT_HINT, Watcher
+from sidecar.writercheck import MODES, WriterCheck, choose
 
 log = structlog.get_logger("sidecar.daemon")
 
 CHECK_EVERY_S = 2.0
 PROBE_EVERY_S = 5.0  # HeadBucket cadence while the store is believed down; never sent while it is fine
-EVENT_SOURCES = {"close": "event", "create": "event", "move": "event", "scan": "scan"}
+EVENT_SOURCES = {"close": "event", "create": "event", "modify": "event", "move": "event", "scan": "scan"}
 # Answers that mean the bucket is reachable but unusable with this configuration (credentials, permissions,
 # bucket name). A 404 is only such an answer where no key is involved; HeadObject's 404 is routine.
 BROKEN_STATUSES = frozenset({"401", "403"})
@@ -59,7 +60,10 @@ class Daemon:
         self.filter = PathFilter(settings.extensions, settings.include, settings.exclude)
         keys = KeyBuilder(settings.key_template, settings.pod_id)
         self.settler = Settler(self.root, settle_s=settings.settle_s, on_ready=self._on_ready,
-                               on_skip=lambda reason: self.metrics.files_skipped.labels(reason=reason).inc())
+                               on_skip=lambda reason: self.metrics.files_skipped.labels(reason=reason).inc(),
+                               on_confirmed=lambda check: self.metrics.files_confirmed.labels(check=check).inc(),
+                               quiet_s=settings.quiet_s)
+        self.writer_check: WriterCheck | None = None
 
         def transfer_factory(retry: Any, progress: Callable[[int, int], None]) -> Transfer:
             return Transfer(self.store, self.root, keys, multipart_threshold=settings.multipart_threshold,
@@ -105,7 +109,7 @@ class Daemon:
         reason = self.filter.skip_reason(path_text(rel))
         if reason is None:
             self.settler.offer(rel, source)
-        elif reason != "hidden":
+        elif reason != "hidden" and source != "modify":  # one skip per file, not one per write(2)
             self.metrics.files_skipped.labels(reason=reason).inc()
 
     def _on_dir(self, rel: bytes) -> None:
@@ -211,6 +215,7 @@ class Daemon:
             return
         finally:
             self._set_mode_metric()
+        self._choose_writer_check()
         self.request_scan("watcher_restart")
 
     def _probe_store(self) -> None:
@@ -237,6 +242,16 @@ class Daemon:
             return
         self.metrics.store_reachable.set(1)
         log.info("store_probe_succeeded")
+
+    def _choose_writer_check(self) -> None:
+        """Probe which writer check holds here (sidecar.writercheck); log it once, and again if it changes."""
+        found = choose([self.root, self.settings.state_dir], self.watcher.mode)
+        if self.writer_check is None or found.mode != self.writer_check.mode:
+            (log.info if found.mode != "quiet" else log.warning)("writer_check", **found.as_dict())
+        self.writer_check = found
+        self.settler.mode = found.mode
+        for mode in MODES:
+            self.metrics.writer_check.labels(mode=mode).set(1 if found.mode == mode else 0)
 
     def _canary_grace(self) -> float:
         return 3.0 if self.watcher.mode == "inotify" else 4 * 2.0
@@ -291,6 +306,7 @@ class Daemon:
             "settling": len(self.settler),
             "watcher": {"mode": self.watcher.mode, "canary": self.canary.verdict,
                         "degraded_reason": self.watcher.degraded_reason},
+            "writer_check": self.writer_check.as_dict() if self.writer_check else None,
             "store": {"endpoint": self.store.endpoint, "bucket": self.settings.bucket, "reachable": self.store_ok,
                       "problem": self.store_problem},
             "last_scan": self.last_scan,
@@ -330,6 +346,7 @@ class Daemon:
             self._set_mode_metric()
             self.metrics.watcher_up.set(1)
             self.canary.arm()
+        self._choose_writer_check()
         self.request_scan("startup")
         self._spawn("maintenance", self._maintenance)
         log.info("daemon_started", watcher_mode=self.watcher.mode, workers=self.settings.workers)

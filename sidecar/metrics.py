@@ -89,6 +89,14 @@ class Metrics:
             "sidecar_scan_duration_seconds", "Duration of a full reconciliation scan.",
             buckets=SIZE_BUCKETS, registry=registry,
         )
+        self.writer_check = Gauge(
+            "sidecar_writer_check_mode", "1 for the writer check in force for files of other users "
+            "(lease, events or quiet; see sidecar/writercheck.py).", ["mode"], registry=registry,
+        )
+        self.files_confirmed = Counter(
+            "sidecar_files_confirmed_total", "Files confirmed finished, by the check that proved it "
+            "(lease, close_event, quiet_period, close_timeout).", ["check"], registry=registry,
+        )
         self.store_reachable = Gauge(
             "sidecar_store_reachable", "1 when the last request to the object store got an answer.",
             registry=registry,

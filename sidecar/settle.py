@@ -1,10 +1,11 @@
 """The stability check: a candidate becomes a journal entry only once it is finished.
 
 ComfyUI writes PNGs and videos in place, so an event (even a close) is only a *candidate*. A candidate
-is confirmed when two stats ``settle_s`` apart agree (size, mtime, inode) and no process holds the file
-open for writing (a kernel read lease, see :mod:`sidecar.localfile`). Where the kernel cannot tell, a
-candidate that did not come from a close event waits a longer quiet period instead. Offering a path is
-O(1) and thread-safe, so the watcher's handler never blocks.
+is confirmed when two stats ``settle_s`` apart agree (size, mtime, inode) and the writer check says no
+writer is left (:mod:`sidecar.writercheck`): a kernel read lease where the kernel answers for the file;
+otherwise, in ``events`` mode, a close or move event after the last modify event seen, or, with no such
+evidence (and in ``quiet`` mode), ``quiet_s`` without any change, measured from the last change observed.
+Offering a path is O(1) and thread-safe, so the watcher's handler never blocks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -27,10 +28,12 @@ from sidecar.localfile import open_regular, same_version, writer_holds
 
 log = structlog.get_logger("sidecar.settle")
 
-NO_LEASE_QUIET_S = 2.0  # quiet period when the kernel cannot say whether a writer still has the file open
 MAX_RECHECK_S = 2.0
 RETRY_HANDOVER_S = 1.0
 WRITER_DONE = frozenset({"close", "move"})
+CHANGES = frozenset({"modify", "create"})
+EMPTY_QUIET_FACTOR = 4  # an empty file with no writer evidence waits longer: a writer may not have begun
+CLOSE_TIMEOUT_S = 60.0  # events mode: a modified file with no close for this long (truncate(2), mmap) goes on
 
 
 @dataclass(slots=True)
@@ -38,9 +41,20 @@ class _Entry:
     source: str
     due: float
     seen: os.stat_result | None = None
+    seen_at: float = 0.0  # when the version in ``seen`` was first observed: the last change is no later
+    changed_at: float = 0.0  # the last modify or create event
+    writing: bool = False  # a modify event came in after the last close or move: a writer was at work
+    closed: bool = False  # a close or move event came in after the last change event
     rechecks: int = 0
-    first_offered: float = field(default=0.0)
     offers: int = 1  # bumped by every offer, so a hand-over can tell that a new event came in meanwhile
+
+    def note(self, source: str, now: float) -> None:
+        """Fold one event into what is known of the writer."""
+        if source in CHANGES:
+            self.changed_at, self.closed = now, False
+            self.writing = self.writing or source == "modify"
+        elif source in WRITER_DONE:
+            self.closed, self.writing = True, False
 
 
 class Settler:
@@ -53,11 +67,19 @@ class Settler:
         settle_s: float,
         on_ready: Callable[[list[Candidate]], None],
         on_skip: Callable[[str], None] = lambda reason: None,
+        on_confirmed: Callable[[str], None] = lambda check: None,
+        quiet_s: float = 3.0,
+        mode: str = "events",
+        lease: Callable[[int], bool | None] = writer_holds,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._root = root
         self._root_b = os.fsencode(root)
         self._settle_s = settle_s
+        self.quiet_s = max(quiet_s, settle_s)
+        self.mode = mode  # the writer check for files the lease cannot answer for; set by the daemon
+        self._on_confirmed = on_confirmed
+        self._lease = lease
         self._on_ready = on_ready
         self._on_skip = on_skip
         self._clock = clock
@@ -69,18 +91,22 @@ class Settler:
     def offer(self, relpath: bytes, source: str) -> None:
         """Consider ``relpath`` (relative to the root).
 
-        A path already held keeps its place, except that a close or rename (the writer is done) makes its
-        next check due now instead of after a backoff that grew while the writer held the file.
+        ``source`` is the event: ``create``, ``modify``, ``close``, ``move`` or ``scan``. A path already held
+        keeps its place, except that a close or rename (the writer is done) makes its next check due now
+        instead of after a backoff that grew while the writer held the file.
         """
         now = self._clock()
         with self._lock:
             entry = self._entries.get(relpath)
             if entry is None:
-                entry = self._entries[relpath] = _Entry(source=source, due=now, first_offered=now)
+                entry = self._entries[relpath] = _Entry(source=source, due=now, seen_at=now)
+                entry.note(source, now)
                 heapq.heappush(self._heap, (now, relpath))
             elif source != "scan":
                 entry.offers += 1
-                entry.source = source
+                entry.note(source, now)
+                if source != "modify":
+                    entry.source = source
                 if source in WRITER_DONE and entry.due > now:
                     entry.due, entry.rechecks = now, 0
                     heapq.heappush(self._heap, (now, relpath))
@@ -155,22 +181,54 @@ class Settler:
             log.info("candidate_skipped", path=path_text(relpath), reason=exc.reason)
             return exc.reason
         try:
-            writer = writer_holds(fd)
+            writer = self._lease(fd)
         finally:
             os.close(fd)
-        stable = entry.seen is not None and same_version(entry.seen, st)
-        quiet = self._settle_s
-        if writer is None and entry.source != "close":
-            quiet = max(quiet, NO_LEASE_QUIET_S)
-        if stable and not writer and now - entry.first_offered >= quiet:
+        if entry.seen is None or not same_version(entry.seen, st):
+            entry.seen, entry.seen_at, entry.rechecks = st, now, 0
+            stable = False
+        else:
+            stable = True
+        check = self._finished(relpath, entry, writer, st, now) if stable else None
+        if check is not None:
+            self._on_confirmed(check)
             return Candidate(path=relpath, size=st.st_size, mtime_ns=st.st_mtime_ns, source=entry.source)
-        if not stable:
-            entry.seen = st
-            entry.rechecks = 0
         entry.rechecks += 1
-        backoff = self._settle_s * (2 ** min(entry.rechecks - 1, 5)) if writer else self._settle_s
+        if writer:
+            backoff = self._settle_s * (2 ** min(entry.rechecks - 1, 5))
+        elif writer is None and stable and entry.writing and self.mode == "events":
+            backoff = MAX_RECHECK_S  # waiting for the close event, which brings the next check forward (offer)
+        elif writer is None and stable:
+            backoff = self._quiet_for(entry, st) - (now - self._last_change(entry))
+        else:
+            backoff = self._settle_s
         entry.due = now + max(0.01, min(backoff, MAX_RECHECK_S))
         return None
+
+    def _finished(
+        self, relpath: bytes, entry: _Entry, writer: bool | None, st: os.stat_result, now: float
+    ) -> str | None:
+        """How a stable file is known to be finished (``lease``, ``close_event``, ``quiet_period``,
+        ``close_timeout``), or None while it may still be written. See the module docstring."""
+        if writer is not None:
+            return None if writer else "lease"
+        quiet_for = now - self._last_change(entry)
+        if self.mode == "events" and entry.closed:
+            return "close_event"
+        if self.mode == "events" and entry.writing:
+            if quiet_for < CLOSE_TIMEOUT_S:
+                return None
+            log.warning("writer_check_timeout", path=path_text(relpath), quiet_s=round(quiet_for, 1),
+                        hint="modified without a close event (truncate, mmap?): taken as finished")
+            return "close_timeout"
+        return "quiet_period" if quiet_for >= self._quiet_for(entry, st) else None
+
+    def _quiet_for(self, entry: _Entry, st: os.stat_result) -> float:
+        return self.quiet_s * (EMPTY_QUIET_FACTOR if st.st_size == 0 else 1)
+
+    @staticmethod
+    def _last_change(entry: _Entry) -> float:
+        return max(entry.seen_at, entry.changed_at)
 
     def _first_look(self, relpath: bytes, entry: _Entry, now: float) -> bool:
         """A plain lstat records the first version of a regular file (half the cost of the full check, which
@@ -181,7 +239,7 @@ class Settler:
             return False  # the full check names the reason
         if not stat.S_ISREG(st.st_mode):
             return False
-        entry.seen, entry.rechecks = st, 1
+        entry.seen, entry.seen_at, entry.rechecks = st, now, 1
         entry.due = now + max(0.01, self._settle_s)
         return True
 

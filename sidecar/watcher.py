@@ -1,10 +1,10 @@
 """The filesystem watcher: turns watchdog events into candidate paths. Never imports boto3.
 
 What the watcher must know (FIELD-NOTES §1): new subfolders deliver *created* events but no close events,
-so created, closed and moved-to are all candidates; the handler must be O(1) because every handler runs on
-one thread; an inotify queue overflow is reported only as a log record, which is hooked here to request a
-rescan; and when inotify cannot be had (instance or watch limits) the watcher falls back to polling and
-says so.
+so created, closed and moved-to are all candidates (modified events feed the writer check); the handler
+must be O(1) because every handler runs on one thread; an inotify queue overflow is reported only as a
+log record, which is hooked here to request a rescan; and when inotify cannot be had (instance or watch
+limits) the watcher falls back to polling and says so.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from watchdog.events import (
     DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
+    FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
@@ -34,7 +35,11 @@ from sidecar.localfile import relative
 
 log = structlog.get_logger("sidecar.watcher")
 
-EVENT_FILTER = [FileClosedEvent, FileCreatedEvent, FileMovedEvent, DirMovedEvent, DirCreatedEvent]
+# Modified events are the writer check's evidence that a writer is at work (see sidecar.writercheck): a file
+# seen being modified is ready only after a close or move event. Opened/closed-no-write stay out: our own
+# reads would produce them.
+EVENT_FILTER = [FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent, DirMovedEvent,
+                DirCreatedEvent]
 WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 POLL_INTERVAL_S = 2.0
 RECHECK_S = 0.2  # a folder created during the start-up walk is watched once its own event is read
@@ -87,6 +92,8 @@ class _Handler(FileSystemEventHandler):
                 path, source = event.src_path, "close"
             elif isinstance(event, FileCreatedEvent):
                 path, source = event.src_path, "create"
+            elif isinstance(event, FileModifiedEvent):
+                path, source = event.src_path, "modify"
             else:
                 return
             rel = relative(self._root, path)

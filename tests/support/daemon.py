@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -68,8 +69,12 @@ class DaemonProcess:
         *,
         log_dir: Path | None = None,
         cwd: Path | None = None,
+        python: str = sys.executable,
+        user: int | None = None,
     ) -> None:
         self.args = list(args)
+        self.python = python
+        self.user = user  # run as this uid (and its primary gid), no supplementary groups; needs root
         self.log_dir = log_dir if log_dir is not None else Path(tempfile.mkdtemp(prefix="sidecar-daemon-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.stdout_path = self.log_dir / "stdout.log"
@@ -103,13 +108,17 @@ class DaemonProcess:
         if self._proc is not None:
             raise RuntimeError("daemon already started")
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
+            drop: dict[str, Any] = {}
+            if self.user is not None:
+                drop = {"user": self.user, "group": pwd.getpwuid(self.user).pw_gid, "extra_groups": []}
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", *self.args],
+                [self.python, "-m", "sidecar", *self.args],
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
                 env=self.env,
                 cwd=self.cwd,
+                **drop,
             )
         return self
 

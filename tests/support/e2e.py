@@ -58,6 +58,22 @@ def write_renamed_while_open(path: Path, data: bytes, tmp_name: str) -> None:
         out.write(data[half:])
 
 
+def write_like_a_video(path: Path, data: bytes, *, seconds: float, pause_at_s: float, pause_s: float) -> None:
+    """An encoder's way: 64 KiB chunks on the final path for ``seconds``, with one ``pause_s`` stop (fd open)
+    after ``pause_at_s``, as when frames come slower than they are encoded (FIELD-NOTES §2)."""
+    chunks = [data[i : i + 65536] for i in range(0, len(data), 65536)]
+    started, paused = time.monotonic(), False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as out:
+        for chunk in chunks:
+            out.write(chunk)
+            out.flush()
+            if not paused and time.monotonic() - started >= pause_at_s:
+                time.sleep(pause_s)
+                paused = True
+            time.sleep(seconds / len(chunks))
+
+
 def write_in_chunks(path: Path, data: bytes, chunks: int, pause_s: float) -> None:
     """Write in place on the final path in ``chunks`` flushed pieces, ``pause_s`` apart, fd held open (PIL)."""
     step = -(-len(data) // chunks)
@@ -169,9 +185,14 @@ class World:
         self._procs.append(proc)
         return proc
 
-    def start(self, **env: str | float) -> DaemonProcess:
-        """Start ``sidecar run`` and wait until it has started (its startup scan is requested by then)."""
-        proc = self.process("run", **env).start()
+    def start(self, *, python: str | None = None, user: int | None = None, **env: str | float) -> DaemonProcess:
+        """Start ``sidecar run`` (optionally with another interpreter, as another uid) and wait until it has
+        started (its startup scan is requested by then)."""
+        proc = self.process("run", **env)
+        if python is not None:
+            proc.python = python
+        proc.user = user
+        proc.start()
         wait_until(
             lambda: proc.events("daemon_started") or not proc.is_running(),
             timeout=20,
