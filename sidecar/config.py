@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sidecar.errors import ConfigError
 
 ENV_PREFIX = "SIDECAR_"
+SECRETS_DIR_VAR = "SIDECAR_SECRETS_DIR"
 DEFAULT_EXTENSIONS = (
     "png,jpg,jpeg,webp,gif,mp4,webm,mov,mkv,flac,mp3,opus,wav,glb,svg"
 )
@@ -172,7 +173,17 @@ def _format_error(exc: ValidationError) -> str:
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Read the settings from the environment (and ``overrides``); raise ConfigError on any problem."""
+    """Read the settings from the environment (and ``overrides``); raise ConfigError on any problem.
+
+    ``SIDECAR_SECRETS_DIR`` names a folder of files, one per secret field, named like its variable in
+    lower case (``sidecar_secret_access_key``): how the image hands the credentials to the sidecar alone
+    (entrypoint.sh). An environment variable of the same name wins over the file.
+    """
+    secrets_dir = os.environ.get(SECRETS_DIR_VAR)
+    if secrets_dir:
+        if not os.path.isdir(secrets_dir) or not os.access(secrets_dir, os.R_OK | os.X_OK):
+            raise ConfigError(f"{SECRETS_DIR_VAR}: {secrets_dir} is not a folder this user can read")
+        overrides.setdefault("_secrets_dir", secrets_dir)
     try:
         return Settings(**overrides)
     except ValidationError as exc:

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# A private Docker engine for the image tests: its own data root, socket and pid file, no bridge, no
+# iptables (containers use the host network and talk to 127.0.0.1 only). Stopped by its PID, never by name.
+#
+#   .ci/dockerd.sh start   start it (no-op if ours already runs); prints the DOCKER_HOST to use
+#   .ci/dockerd.sh stop    stop the one we started
+set -euo pipefail
+
+run_dir=${SIDECAR_CI_DOCKER_RUN:-/run/sidecar-ci-docker}
+data_root=${SIDECAR_CI_DOCKER_DATA:-/var/lib/sidecar-ci-docker}
+sock="$run_dir/docker.sock"
+pidfile="$run_dir/dockerd.pid"
+log="$run_dir/dockerd.log"
+
+ours_running() {
+  [[ -s "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
+case "${1:-}" in
+  start)
+    mkdir -p "$run_dir" "$data_root"
+    if ! ours_running; then
+      # setsid: the engine must not share our process group (a Ctrl-C of the test run must not kill it
+      # half-way through a build); it is stopped below, by its PID.
+      setsid dockerd --data-root "$data_root" --exec-root "$run_dir/exec" --pidfile "$pidfile" \
+        --host "unix://$sock" --iptables=false --ip6tables=false --bridge=none --ip-masq=false \
+        >"$log" 2>&1 </dev/null &
+      for _ in $(seq 1 120); do
+        if DOCKER_HOST="unix://$sock" docker version >/dev/null 2>&1; then break; fi
+        sleep 0.5
+      done
+    fi
+    if ! DOCKER_HOST="unix://$sock" docker version >/dev/null 2>&1; then
+      echo "dockerd did not answer on $sock within 60 s; its log:" >&2
+      tail -n 30 "$log" >&2 || true
+      exit 1
+    fi
+    echo "unix://$sock"
+    ;;
+  stop)
+    if ours_running; then
+      pid=$(cat "$pidfile")
+      kill -TERM "$pid"
+      for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+    fi
+    ;;
+  *)
+    echo "usage: $0 start|stop" >&2
+    exit 2
+    ;;
+esac
