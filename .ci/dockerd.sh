@@ -20,6 +20,9 @@ case "${1:-}" in
   start)
     mkdir -p "$run_dir" "$data_root"
     if ! ours_running; then
+      # A dockerd of ours that was killed (a session ends so) leaves its private exec root and socket
+      # behind; they are ours alone, so start from a clean one.
+      rm -rf -- "$run_dir/exec" "$sock" "$pidfile"
       # setsid: the engine must not share our process group (a Ctrl-C of the test run must not kill it
       # half-way through a build); it is stopped below, by its PID.
       setsid dockerd --data-root "$data_root" --exec-root "$run_dir/exec" --pidfile "$pidfile" \

@@ -161,7 +161,8 @@ def test_unprivileged_daemon_never_uploads_a_prefix_of_root_owned_files(
 ) -> None:
     """As nobody beside a root writer: mode events, every PUT the final bytes, one PUT a file, no lease used."""
     base = shared_folder("sidecar-unpriv-")
-    world = World(base, s3_server, r2_proxy_http, bucket, PYTHONPATH=runtime.pythonpath)
+    world = World(base, s3_server, r2_proxy_http, bucket)
+    world.env["PYTHONPATH"] = runtime.pythonpath  # the copied working tree: the repo may be unreadable to nobody
     try:
         os.chown(world.out, runtime.uid, runtime.gid)
         world.state.mkdir()
