@@ -86,9 +86,7 @@ prepare_dir() {
 }
 prepare_dir SIDECAR_WATCH_DIR "$SIDECAR_WATCH_DIR"
 prepare_dir SIDECAR_STATE_DIR "$SIDECAR_STATE_DIR"
-prepare_dir SUPERVISOR_RUN_DIR "$SUPERVISOR_RUN_DIR"
-chmod 700 -- "$SIDECAR_STATE_DIR" "$SUPERVISOR_RUN_DIR"
-rm -f -- "$SUPERVISOR_RUN_DIR/sidecar-fatal"
+chmod 700 -- "$SIDECAR_STATE_DIR"
 
 # ComfyUI does not create its output folder; the watcher needs it before it starts. The journal's folder
 # is the sidecar's alone: a one-off command run as root may have left root-owned files in it. -h and the
@@ -140,10 +138,15 @@ fi
 # line and exits 2. It runs as the daemon will, so folders it cannot write are caught here too.
 (as_sidecar "${sidecar_cmd[@]}" check --offline >/dev/null) || exit $?
 
+prepare_dir SUPERVISOR_RUN_DIR "$SUPERVISOR_RUN_DIR"
+chmod 700 -- "$SUPERVISOR_RUN_DIR"
+rm -f -- "$SUPERVISOR_RUN_DIR/sidecar-fatal"
+
 # PID 1: supervisord as a child, so that a FATAL sidecar can end the container with a non-zero status
 # (supervisord itself always exits 0). A trapped signal interrupts `wait` at once: forwarding costs no time.
 "$SUPERVISORD_BIN" -n -c "$SUPERVISORD_CONF" &
 supervisord_pid=$!
+# shellcheck disable=SC2329  # invoked by the traps below
 forward() { kill -s "$1" "$supervisord_pid" 2>/dev/null || true; }
 for sig in TERM INT QUIT HUP; do
   # shellcheck disable=SC2064  # the signal name is fixed when the trap is set

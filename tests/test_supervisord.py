@@ -116,14 +116,14 @@ class Stack:
         """The pid supervisord reports for a program; 0 while it is not running or not reachable."""
         if not (self.run_dir / "supervisor.sock").exists():
             return 0
-        out = self.ctl("pid", name).stdout.strip()
+        out = self.ctl("pid", f"pod:{name}").stdout.strip()  # both programs are in group "pod"
         return int(out) if out.isdigit() else 0
 
     def state(self, name: str) -> str:
         """supervisord's state name for a program (STARTING, RUNNING, BACKOFF, ...), or "" if unreachable."""
         if not (self.run_dir / "supervisor.sock").exists():
             return ""
-        words = self.ctl("status", name).stdout.split()
+        words = self.ctl("status", f"pod:{name}").stdout.split()
         return words[1] if len(words) > 1 else ""
 
     def wait_running(self) -> int:
@@ -229,6 +229,7 @@ def base_env(tmp: Path, endpoint: str, bucket: str, **extra: str) -> dict[str, s
         # Neither folder exists yet: the entrypoint creates them. The space checks the conf's quoting.
         SIDECAR_WATCH_DIR=str(tmp / "comfy outputs"),
         SIDECAR_STATE_DIR=str(tmp / "state"),
+        SIDECAR_SECRETS_DIR=str(tmp / "secrets"),  # not the host's /run
         SIDECAR_BUCKET=bucket,
         SIDECAR_ENDPOINT_URL=endpoint,
         SIDECAR_REGION=REGION,
@@ -296,8 +297,8 @@ def healthcheck_argv() -> list[str]:
     match = re.search(r"^HEALTHCHECK\b.*?\bCMD\s+(\[.*\])\s*$", text, re.MULTILINE)
     assert match, "Dockerfile has no exec-form HEALTHCHECK"
     argv: list[str] = json.loads(match.group(1))
-    assert argv[0] == "/opt/sidecar/bin/python", argv
-    return [sys.executable, *argv[1:]]
+    assert argv[:2] == ["/bin/sh", "-c"] and "env -i /opt/sidecar/bin/python" in argv[2], argv  # no secrets in it
+    return [*argv[:2], argv[2].replace("/opt/sidecar/bin/python", sys.executable)]
 
 
 def http_answers(port: str) -> bool:
@@ -325,10 +326,12 @@ def test_files_written_like_comfyui_reach_the_bucket_byte_identical(
     assert f"{POD_ID}/ComfyUI_00006_.png" in expected  # ComfyUI's counter carried on in the root folder
     assert_bucket_holds(s3_server, bucket, expected, stack)
 
-    # The entrypoint exec'd supervisord (same pid, so the container's SIGTERM reaches it) and prepared
-    # the folders; the control socket is reachable by its owner only.
+    # The entrypoint stays PID 1 with supervisord as its child (it forwards the container's SIGTERM, and
+    # exits 70 when the sidecar is FATAL) and prepared the folders; the control socket is its owner's only.
     assert stack.proc is not None
-    assert int((stack.run_dir / "supervisord.pid").read_text()) == stack.proc.pid
+    supervisord = int((stack.run_dir / "supervisord.pid").read_text())
+    ppid = int(Path(f"/proc/{supervisord}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert ppid == stack.proc.pid
     assert stat.S_IMODE(Path(stack.env["SIDECAR_STATE_DIR"]).stat().st_mode) == 0o700
     assert stat.S_IMODE(stack.run_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((stack.run_dir / "supervisor.sock").stat().st_mode) == 0o700
