@@ -53,6 +53,7 @@ else
   : "${SIDECAR_SECRETS_DIR:=$SUPERVISOR_RUN_DIR/secrets}"
 fi
 : "${COMFYUI_CMD:=python /comfyui/main.py --listen 0.0.0.0 --port 8188}"
+: "${COMFYUI_AUTOSTART:=true}"
 : "${SIDECAR_STOPWAITSECS:=$(default_stopwaitsecs)}"
 # SIDECAR_BIN may hold arguments ("python -m sidecar" in the tests); the listener needs its python.
 read -r -a sidecar_cmd <<<"$SIDECAR_BIN"
@@ -62,7 +63,7 @@ else
   : "${SIDECAR_PYTHON:=$(dirname "${sidecar_cmd[0]}")/python}"
 fi
 export SIDECAR_WATCH_DIR SIDECAR_STATE_DIR SIDECAR_BIN SIDECAR_USER SUPERVISORD_BIN SUPERVISORD_CONF \
-  SUPERVISOR_RUN_DIR SIDECAR_SECRETS_DIR COMFYUI_CMD SIDECAR_STOPWAITSECS SIDECAR_PYTHON
+  SUPERVISOR_RUN_DIR SIDECAR_SECRETS_DIR COMFYUI_CMD COMFYUI_AUTOSTART SIDECAR_STOPWAITSECS SIDECAR_PYTHON
 
 # supervisord can switch users only when it runs as root; `docker run --user N` runs everything as N,
 # which supervisord accepts only for a user with a name.

@@ -37,7 +37,8 @@ def make_pod(docker: Docker, r2_proxy_http: R2Proxy, bucket: str) -> Iterator[Ca
     pods: list[Pod] = []
     folders: list[Path] = []
 
-    def make(*, workspace: Path | None = None, user: str | None = None, **env: str) -> Pod:
+    def make(*, workspace: Path | None = None, user: str | None = None, image: str | None = None,
+             volumes: tuple[str, ...] = (), **env: str) -> Pod:
         if workspace is None:
             workspace = shared_folder("sidecar-pod-")
             folders.append(workspace)
@@ -53,7 +54,7 @@ def make_pod(docker: Docker, r2_proxy_http: R2Proxy, bucket: str) -> Iterator[Ca
         }
         if r2_proxy_http.rules.signing_secret is not None:  # the proxy checks SigV4 with the pod's secret
             r2_proxy_http.rules.signing_secret = settings["SIDECAR_SECRET_ACCESS_KEY"]
-        pod = Pod(docker, workspace, settings, user=user)
+        pod = Pod(docker, workspace, settings, user=user, image=image, volumes=volumes)
         pods.append(pod)
         return pod
 
@@ -62,3 +63,15 @@ def make_pod(docker: Docker, r2_proxy_http: R2Proxy, bucket: str) -> Iterator[Ca
         pod.remove()
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template_image(docker: Docker) -> str:
+    """The stand-in of an existing RunPod template (tests/container/template), built by .ci/run."""
+    image = os.environ.get("SIDECAR_TEST_TEMPLATE_IMAGE", "")
+    if not image:
+        message = "no SIDECAR_TEST_TEMPLATE_IMAGE: run bash .ci/run"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return image

@@ -7,7 +7,6 @@ Figures are printed (``-s`` or the CI log) as ``image-suite:`` JSON lines.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import statistics
@@ -17,8 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support.container import Pod
-from support.e2e import md5_b64
+from support.container import Pod, check_bucket, report
 from support.proxy import R2Proxy
 from support.s3server import S3Server
 from support.waiting import wait_until
@@ -27,38 +25,6 @@ from sidecar.writercheck import CAP_LEASE
 
 STOP_RUNS = 20
 SECRET_MARKERS = ("pod-secret-marker-3f1e9a", "AKIDPODTESTKEY0001", "pod-token-marker-7c2d4b81")
-
-
-def report(name: str, **figures: object) -> None:
-    """Print the figures, and append them to $SIDECAR_IMAGE_REPORT (.ci/run shows that file at the end)."""
-    line = json.dumps({"test": name, **figures})
-    print(f"image-suite: {line}", flush=True)
-    if path := os.environ.get("SIDECAR_IMAGE_REPORT"):
-        with open(path, "a", encoding="utf-8") as out:
-            out.write(line + "\n")
-
-
-def on_disk(pod: Pod) -> dict[str, bytes]:
-    out = pod.workspace / "outputs"
-    return {f"pod/{p.relative_to(out)}": p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and not p.name.startswith(".")}  # the sidecar's own canary is not an output
-
-
-def check_bucket(pod: Pod, s3: S3Server, proxy: R2Proxy, bucket: str) -> dict[str, int]:
-    """The bucket holds exactly the files on disk, byte for byte; every PUT body was a whole final file."""
-    files = on_disk(pod)
-    assert s3.objects(bucket) == files
-    puts = proxy.puts()
-    accepted = Counter(r.key for r in puts if r.ok)
-    assert accepted == dict.fromkeys(files, 1), "a key accepted more than one PUT"
-    prefixes = 0
-    for req in puts:  # the proxy rejects a body whose MD5 is not its Content-MD5 (BadDigest)
-        final = files.get(req.key or "")
-        assert final is not None, f"PUT of a key that is no file: {req.key}"
-        if req.headers.get("content-md5") != md5_b64(final) or (req.ok and req.payload_len != len(final)):
-            prefixes += 1
-    assert prefixes == 0, f"{prefixes} PUTs carried other bytes than the final file (a prefix was uploaded)"
-    return {"files": len(files), "puts": len(puts), "accepted": sum(accepted.values()), "prefix_puts": prefixes}
 
 
 def comfy_outputs(videos: int, pngs: int) -> list[dict[str, object]]:

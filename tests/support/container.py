@@ -8,14 +8,18 @@ to a host folder (so the test reads what ComfyUI wrote), talking to servers on 1
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from support.s3server import free_port
+from support.e2e import md5_b64
+from support.proxy import R2Proxy
+from support.s3server import S3Server, free_port
 from support.waiting import wait_until
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -32,14 +36,26 @@ class Docker:
 class Pod:
     """One container of the image with a ComfyUI stand-in and the sidecar, like a RunPod pod."""
 
-    def __init__(self, docker: Docker, workspace: Path, env: dict[str, str], *, user: str | None = None) -> None:
+    def __init__(
+        self,
+        docker: Docker,
+        workspace: Path,
+        env: dict[str, str],
+        *,
+        user: str | None = None,
+        image: str | None = None,
+        volumes: tuple[str, ...] = (),
+    ) -> None:
         self.docker, self.workspace, self.user = docker, workspace, user
+        self.image = image or docker.image
+        self.volumes = volumes
         self.name = f"sidecar-test-{uuid.uuid4().hex[:10]}"
         self.comfy_port, self.http_port = free_port(), free_port()
         self.env = {
             "SIDECAR_HTTP_HOST": "127.0.0.1",
             "SIDECAR_HTTP_PORT": str(self.http_port),
             "COMFYUI_CMD": f"python /comfyui/main.py --listen 127.0.0.1 --port {self.comfy_port}",
+            "COMFY_PORT": str(self.comfy_port),  # the template stand-in's /start.sh starts ComfyUI itself
             **env,
         }
         self.started = False
@@ -51,12 +67,14 @@ class Pod:
             args.append("-d")
         if self.user is not None:
             args += ["--user", self.user]
+        for volume in self.volumes:
+            args += ["-v", volume]
         for key, value in self.env.items():
             args += ["-e", f"{key}={value}"]
-        return [*args, self.docker.image, *command]
+        return [*args, self.image, *command]
 
-    def start(self) -> Pod:
-        self.docker(*self.run_args(), check=True)
+    def start(self, *command: str) -> Pod:
+        self.docker(*self.run_args(*command), check=True)
         self.started = True
         return self
 
@@ -145,3 +163,35 @@ class Pod:
         if self.started:
             self.docker("rm", "-f", "-v", self.name)
 
+
+def report(name: str, **figures: object) -> None:
+    """Print the figures, and append them to $SIDECAR_IMAGE_REPORT (.ci/run shows that file at the end)."""
+    line = json.dumps({"test": name, **figures})
+    print(f"image-suite: {line}", flush=True)
+    if path := os.environ.get("SIDECAR_IMAGE_REPORT"):
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(line + "\n")
+
+
+def on_disk(pod: Pod, outputs: str = "outputs") -> dict[str, bytes]:
+    """``{key: bytes}`` of ComfyUI's outputs under the pod's workspace (default key template, pod id "pod")."""
+    out = pod.workspace / outputs
+    return {f"pod/{p.relative_to(out)}": p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}  # the sidecar's own canary is not an output
+
+
+def check_bucket(pod: Pod, s3: S3Server, proxy: R2Proxy, bucket: str, outputs: str = "outputs") -> dict[str, int]:
+    """The bucket holds exactly the files on disk, byte for byte; every PUT body was a whole final file."""
+    files = on_disk(pod, outputs)
+    assert s3.objects(bucket) == files
+    puts = proxy.puts()
+    accepted = Counter(r.key for r in puts if r.ok)
+    assert accepted == dict.fromkeys(files, 1), "a key accepted more than one PUT"
+    prefixes = 0
+    for req in puts:  # the proxy rejects a body whose MD5 is not its Content-MD5 (BadDigest)
+        final = files.get(req.key or "")
+        assert final is not None, f"PUT of a key that is no file: {req.key}"
+        if req.headers.get("content-md5") != md5_b64(final) or (req.ok and req.payload_len != len(final)):
+            prefixes += 1
+    assert prefixes == 0, f"{prefixes} PUTs carried other bytes than the final file (a prefix was uploaded)"
+    return {"files": len(files), "puts": len(puts), "accepted": sum(accepted.values()), "prefix_puts": prefixes}
