@@ -13,7 +13,13 @@ pidfile="$run_dir/dockerd.pid"
 log="$run_dir/dockerd.log"
 
 ours_running() {
-  [[ -s "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+  # A killed engine can linger as a zombie that kill -0 still finds: it counts as running only if its
+  # state is not Z.
+  local pid
+  [[ -s "$pidfile" ]] || return 1
+  pid=$(cat "$pidfile")
+  kill -0 "$pid" 2>/dev/null || return 1
+  [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]]
 }
 
 case "${1:-}" in
@@ -22,6 +28,12 @@ case "${1:-}" in
     if ! ours_running; then
       # A dockerd of ours that was killed (a session ends so) leaves its private exec root and socket
       # behind; they are ours alone, so start from a clean one.
+      # Its network namespace stays bind-mounted there (nsfs) after a kill, and rm cannot remove a mount
+      # point: unmount what lies under our own exec root first, deepest first.
+      if [[ -d "$run_dir/exec" ]]; then
+        awk -v root="$run_dir/exec" 'index($5, root "/") == 1 || $5 == root { print $5 }' \
+          /proc/self/mountinfo | sort -r | while read -r mnt; do umount -l -- "$mnt"; done
+      fi
       rm -rf -- "$run_dir/exec" "$sock" "$pidfile"
       # setsid: the engine must not share our process group (a Ctrl-C of the test run must not kill it
       # half-way through a build); it is stopped below, by its PID.
