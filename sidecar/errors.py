@@ -1,7 +1,9 @@
 """The single error tree of the sidecar, and the process exit codes.
 
 Every failure raised by this package derives from :class:`SidecarError`. Store errors are split into
-transient (retry later) and permanent (park the file) by :func:`sidecar.store_s3.classify` alone.
+transient (retry later) and permanent by :func:`sidecar.store_s3.classify` alone, and each carries a
+scope: ``object`` (this key only: park this file) or ``bucket`` (every request would fail the same way:
+pause all uploads until the store answers well again). :class:`sidecar.store_health.StoreHealth` reads both.
 """
 
 from __future__ import annotations
@@ -25,12 +27,17 @@ class JournalError(SidecarError):
 
 
 class SourceFileError(SidecarError):
-    """A local file cannot be uploaded as it stands (vanished, unreadable, not a regular file)."""
+    """A local file cannot be uploaded as it stands (vanished, unreadable, not a regular file).
 
-    def __init__(self, reason: str, path: str) -> None:
-        super().__init__(f"{reason}: {path}")
+    ``transient``: an OS error worth retrying (EMFILE, EIO, ESTALE, ...); ``detail`` keeps its strerror.
+    """
+
+    def __init__(self, reason: str, path: str, *, detail: str = "", transient: bool = False) -> None:
+        super().__init__(f"{reason}: {path}" + (f" ({detail})" if detail else ""))
         self.reason = reason
         self.path = path
+        self.detail = detail
+        self.transient = transient
 
 
 class StoreError(SidecarError):
@@ -38,7 +45,9 @@ class StoreError(SidecarError):
 
     transient: bool = False
 
-    def __init__(self, message: str, *, operation: str, key: str = "", code: str = "", hint: str = "") -> None:
+    def __init__(
+        self, message: str, *, operation: str, key: str = "", code: str = "", hint: str = "", scope: str = "object"
+    ) -> None:
         where = f" for key {key!r}" if key else ""
         advice = f" (hint: {hint})" if hint else ""
         super().__init__(f"{operation} failed{where}: {message}{advice}")
@@ -47,6 +56,7 @@ class StoreError(SidecarError):
         self.key = key
         self.code = code
         self.hint = hint
+        self.scope = scope  # "object" or "bucket"
 
     @property
     def error_class(self) -> str:

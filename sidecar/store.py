@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
 MD5_METADATA = "md5"  # user metadata key holding the hex MD5 of the whole content (multipart ETags are not MD5s)
+
+
+_MD5_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def is_md5(etag: str) -> bool:
+    """True for a single-part ETag (the MD5 of the object's bytes), False for a multipart or odd one."""
+    return _MD5_RE.fullmatch(etag) is not None
+
+
+def composite_etag(part_md5s: list[str]) -> str:
+    """The ETag S3 and R2 give a multipart object: MD5 of the parts' binary MD5s, a dash, the part count."""
+    joined = b"".join(bytes.fromhex(m) for m in part_md5s)
+    return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(part_md5s)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,14 +31,15 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
-    md5: str | None  # from our metadata, or the ETag of a single-part upload
+    md5: str | None  # the ETag of a single-part object; for a multipart one, our metadata
 
 
 class ObjectStore(Protocol):
     """Writes objects without ever silently overwriting one. Every method raises ``StoreError`` subclasses."""
 
     def put(self, key: str, data: bytes, *, md5_hex: str, content_type: str) -> str:
-        """Create ``key`` with ``data`` unless it exists (``KeyExistsError``); return the verified ETag."""
+        """Create ``key`` with ``data`` unless it exists (``KeyExistsError``); return the ETag, proven to be
+        ``md5_hex`` (an answer without it raises a transient error: nothing is assumed stored)."""
         ...
 
     def head(self, key: str) -> ObjectInfo | None:
@@ -34,11 +51,12 @@ class ObjectStore(Protocol):
         ...
 
     def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
-        """Upload one part (with its Content-MD5); return its ETag."""
+        """Upload one part (with its Content-MD5); return its ETag, proven to be the part's MD5."""
         ...
 
     def complete_multipart(self, key: str, upload_id: str, etags: list[str]) -> str:
-        """Finish a multipart upload; return the object's ETag."""
+        """Finish a multipart upload unless the key exists (``KeyExistsError``); return the object's ETag,
+        proven to be :func:`composite_etag` of the parts."""
         ...
 
     def abort_multipart(self, key: str, upload_id: str) -> None:

@@ -17,8 +17,7 @@ import botocore.exceptions as bx
 from botocore.config import Config
 
 from sidecar.errors import KeyExistsError, PermanentStoreError, StoreError, TransientStoreError
-from sidecar.s3_put import LeanPut
-from sidecar.store import MD5_METADATA, ObjectInfo
+from sidecar.store import MD5_METADATA, ObjectInfo, composite_etag, is_md5
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -38,6 +37,15 @@ BODYLESS_CODES = {
     ("", "403"): "AccessDenied",
     ("", "401"): "Unauthorized",
 }
+THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests", "RequestTimeout"})
+# Errors that every request of this configuration would meet: pause all uploads, park no file.
+BUCKET_CODES = frozenset(
+    {
+        "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoCredentials", "Unauthorized",
+        "InvalidBucketName", "AllAccessDisabled", "AccountProblem", "ExpiredToken", "InvalidToken",
+        "ConnectionError", "Timeout", "InternalError", "ServiceUnavailable",
+    }
+)
 HINTS = {
     "AccessDenied": "check SIDECAR_ACCESS_KEY_ID / SIDECAR_SECRET_ACCESS_KEY and the token's bucket permissions",
     "InvalidAccessKeyId": "check SIDECAR_ACCESS_KEY_ID",
@@ -63,8 +71,7 @@ def client_config(settings: Settings) -> Config:
     return Config(
         region_name=settings.region,
         signature_version="s3v4",
-        # Path-style on every explicit endpoint (R2 included): one host for all buckets, and the lean PUT
-        # path (sidecar.s3_put) builds its URLs that way.
+        # Path-style on every explicit endpoint (R2 included): one host for all buckets.
         s3={"addressing_style": "path" if settings.resolved_endpoint else "auto"},
         retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=settings.connect_timeout_s,
@@ -77,15 +84,22 @@ def client_config(settings: Settings) -> Config:
     )
 
 
-def make_client(settings: Settings) -> S3Client:
-    """A boto3 S3 client for R2 (from the account id), any S3 endpoint URL, or AWS itself."""
+def make_client(settings: Settings, *, timeout_s: float | None = None) -> S3Client:
+    """A boto3 S3 client for R2 (from the account id), any S3 endpoint URL, or AWS itself.
+
+    ``timeout_s`` caps the connect and read timeouts (the health probe must not hang for a minute).
+    """
     key_id = secret = None
     if settings.access_key_id is not None and settings.secret_access_key is not None:
         key_id = settings.access_key_id.get_secret_value()
         secret = settings.secret_access_key.get_secret_value()
     session = boto3.session.Session()
+    config = client_config(settings)
+    if timeout_s is not None:
+        config = config.merge(Config(connect_timeout=min(timeout_s, settings.connect_timeout_s),
+                                     read_timeout=min(timeout_s, settings.read_timeout_s)))
     return session.client(
-        "s3", endpoint_url=settings.resolved_endpoint, config=client_config(settings),
+        "s3", endpoint_url=settings.resolved_endpoint, config=config,
         aws_access_key_id=key_id, aws_secret_access_key=secret,
     )
 
@@ -114,22 +128,37 @@ def classify(  # noqa: PLR0911 - one flat decision table reads better than neste
         message = f"{code} ({status}): {text}" if text and text != code else f"{code} ({status})"
         if status == 412 or code == "PreconditionFailed":
             return KeyExistsError(message, operation=operation, key=key, code="PreconditionFailed")
+        scope = _scope(code, status, operation)
         if code in TRANSIENT_CODES or (status >= 500 and code != "NotImplemented") or status == 429:
-            return TransientStoreError(message, operation=operation, key=key, code=code)
-        return PermanentStoreError(message, operation=operation, key=key, code=code, hint=HINTS.get(code, ""))
+            return TransientStoreError(message, operation=operation, key=key, code=code, scope=scope)
+        return PermanentStoreError(message, operation=operation, key=key, code=code, hint=HINTS.get(code, ""),
+                                   scope=scope)
     if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
         return PermanentStoreError(
             "no credentials", operation=operation, key=key, code="NoCredentials",
-            hint="set SIDECAR_ACCESS_KEY_ID and SIDECAR_SECRET_ACCESS_KEY",
+            hint="set SIDECAR_ACCESS_KEY_ID and SIDECAR_SECRET_ACCESS_KEY", scope="bucket",
         )
     if isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError):
-        return TransientStoreError("timed out", operation=operation, key=key, code="Timeout")
+        return TransientStoreError("timed out", operation=operation, key=key, code="Timeout", scope="bucket")
     if isinstance(exc, bx.ConnectionError | bx.HTTPClientError | ConnectionError):
         message = f"connection failed ({type(exc).__name__})"
-        return TransientStoreError(message, operation=operation, key=key, code="ConnectionError")
+        return TransientStoreError(message, operation=operation, key=key, code="ConnectionError", scope="bucket")
     if isinstance(exc, bx.BotoCoreError):
         return TransientStoreError(_scrub(str(exc), secrets), operation=operation, key=key, code=type(exc).__name__)
     raise exc
+
+
+def _scope(code: str, status: int, operation: str) -> str:
+    """bucket: every request of this configuration would fail so; object: this key only.
+
+    An AccessDenied on an object request may be a token limited to some prefixes: it stays object-scoped
+    here, and :class:`sidecar.store_health.StoreHealth` asks the bucket itself before pausing everything.
+    """
+    if code in THROTTLE_CODES or status == 429:
+        return "object"  # the store answers, and asks this request to wait: the file backs off
+    if code in BUCKET_CODES or status >= 500 or (code == "AccessDenied" and operation == "HeadBucket"):
+        return "bucket"
+    return "object"
 
 
 def _md5_b64(md5_hex: str) -> str:
@@ -140,8 +169,22 @@ def _etag(response: Any) -> str:
     return str(response.get("ETag", "")).strip('"')
 
 
+def _proven(etag: str, expected: str, *, operation: str, key: str) -> str:
+    """The store's answer proves it kept our bytes only if its ETag is the one those bytes give."""
+    if etag == expected:
+        return etag
+    code, what = ("ETagMissing", "no ETag") if not etag else ("ETagMismatch", f"ETag {etag}")
+    raise TransientStoreError(f"the store answered with {what}, expected {expected}", operation=operation,
+                              key=key, code=code)
+
+
 class S3Store:
-    """ObjectStore on one bucket of an S3-compatible endpoint."""
+    """ObjectStore on one bucket of an S3-compatible endpoint, through boto3's public client API only.
+
+    Every request goes through the client, so the ``needs-retry`` event reports every HTTP attempt (its
+    status, or ``error`` for no answer) to ``observer`` -- the one feed of
+    :class:`sidecar.store_health.StoreHealth`.
+    """
 
     def __init__(
         self, client: S3Client, bucket: str, *, secrets: Iterable[str] = (), observer: RequestObserver | None = None
@@ -150,8 +193,6 @@ class S3Store:
         self._bucket = bucket
         self._secrets = tuple(s for s in secrets if s)
         self.endpoint = str(client.meta.endpoint_url)
-        self._observer = observer
-        self._lean = LeanPut(client, bucket) if LeanPut.available(client) else None
         if observer is not None:
             client.meta.events.register("needs-retry.s3", self._make_hook(observer))
 
@@ -175,38 +216,11 @@ class S3Store:
         # R2 quirk: an explicit Content-MD5 is the integrity check R2 honours (BadDigest on mismatch), and its
         # single-part ETag is that MD5, so the upload is verified without a HEAD. If-None-Match makes the
         # write refuse to replace an object (ComfyUI reuses names after local deletes).
-        if self._lean is not None:
-            response = self._lean_put(key, data, md5_hex=md5_hex, content_type=content_type)
-        else:
-            response = self._call(
-                "PutObject", key, self._client.put_object, Key=key, Body=data, ContentMD5=_md5_b64(md5_hex),
-                ContentType=content_type, Metadata={MD5_METADATA: md5_hex}, IfNoneMatch="*",
-            )
-        etag = _etag(response)
-        if etag and etag != md5_hex:
-            raise TransientStoreError(
-                f"ETag {etag} does not match the local MD5 {md5_hex}", operation="PutObject", key=key,
-                code="ETagMismatch",
-            )
-        return etag
-
-    def _lean_put(self, key: str, data: bytes, *, md5_hex: str, content_type: str) -> dict[str, Any]:
-        assert self._lean is not None
-        headers = {"Content-MD5": _md5_b64(md5_hex), "Content-Type": content_type, "If-None-Match": "*",
-                   f"x-amz-meta-{MD5_METADATA}": md5_hex}
-        status = "error"
-        try:
-            response = self._lean.put(key, data, headers)
-            status = str(response["HTTPStatusCode"])
-            return response
-        except bx.ClientError as exc:
-            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "error"))
-            raise classify(exc, operation="PutObject", key=key, secrets=self._secrets) from None
-        except Exception as exc:  # connection errors come as botocore exceptions, like the client's
-            raise classify(exc, operation="PutObject", key=key, secrets=self._secrets) from None
-        finally:
-            if self._observer is not None:
-                self._observer("PutObject", status)
+        response = self._call(
+            "PutObject", key, self._client.put_object, Key=key, Body=data, ContentMD5=_md5_b64(md5_hex),
+            ContentType=content_type, Metadata={MD5_METADATA: md5_hex}, IfNoneMatch="*",
+        )
+        return _proven(_etag(response), md5_hex, operation="PutObject", key=key)
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
@@ -216,7 +230,8 @@ class S3Store:
                 return None
             raise
         etag = _etag(response)
-        md5 = response.get("Metadata", {}).get(MD5_METADATA) or (etag if "-" not in etag else None)
+        # A single-part ETag is the store's own MD5 of what it holds: believe it over metadata anyone can set.
+        md5 = etag if is_md5(etag) else response.get("Metadata", {}).get(MD5_METADATA)
         return ObjectInfo(key=key, size=int(response.get("ContentLength", 0)), etag=etag, md5=md5)
 
     def create_multipart(self, key: str, *, md5_hex: str, content_type: str) -> str:
@@ -232,15 +247,15 @@ class S3Store:
             "UploadPart", key, self._client.upload_part, Key=key, UploadId=upload_id, PartNumber=number,
             Body=data, ContentMD5=_md5_b64(md5_hex),
         )
-        return _etag(response)
+        return _proven(_etag(response), md5_hex, operation="UploadPart", key=key)
 
     def complete_multipart(self, key: str, upload_id: str, etags: list[str]) -> str:
         parts = [{"ETag": f'"{etag}"', "PartNumber": n} for n, etag in enumerate(etags, start=1)]
         response = self._call(
             "CompleteMultipartUpload", key, self._client.complete_multipart_upload, Key=key,
-            UploadId=upload_id, MultipartUpload={"Parts": parts},
+            UploadId=upload_id, MultipartUpload={"Parts": parts}, IfNoneMatch="*",
         )
-        return _etag(response)
+        return _proven(_etag(response), composite_etag(etags), operation="CompleteMultipartUpload", key=key)
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         try:
@@ -254,5 +269,5 @@ class S3Store:
             self._call("HeadBucket", "", self._client.head_bucket)
         except StoreError as exc:
             where = f"bucket {self._bucket!r} at {self.endpoint}: {exc.code} ({exc.detail})"
-            raise type(exc)(where, operation="HeadBucket", code=exc.code, hint=exc.hint) from None
+            raise type(exc)(where, operation="HeadBucket", code=exc.code, hint=exc.hint, scope=exc.scope) from None
         return f"bucket {self._bucket!r} reachable at {self.endpoint} with these credentials"

@@ -1,8 +1,10 @@
-"""Moving one file's bytes into the store: read, hash, choose the key, PUT (or multipart), verify.
+"""Moving one file's bytes into the store: read, hash, choose the key, write conditionally, prove it.
 
-Exactly one request per file below the multipart threshold: a conditional PUT with Content-MD5 whose
-ETag is checked against the local MD5. Only when the key is taken (412) does a HEAD follow, to tell our
-own earlier upload (same MD5: done) from a different file under a reused name (store under a variant key).
+Every write is conditional (``If-None-Match: *``), a single PUT below the multipart threshold and the
+completion of a multipart upload above it, so no key is ever overwritten. The common case is one request
+per file and no HEAD: only when the key is taken (412) does a HEAD follow, to tell our own earlier
+upload (the store's ETag is our MD5: done) from a different file under a reused name (store it under
+its content-hash variant key, tried once; if that holds other bytes too, the file is parked).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 
-from sidecar.errors import KeyExistsError, PermanentStoreError, SidecarError
+from sidecar.errors import KeyExistsError, PermanentStoreError, SidecarError, StoreError
 from sidecar.journal import FileRow
+from sidecar.journal_schema import Version, version_of
 from sidecar.keys import KeyBuilder, check_key, path_text
 from sidecar.localfile import open_regular, same_version
 from sidecar.mime import content_type
-from sidecar.store import ObjectStore
+from sidecar.store import ObjectStore, composite_etag
 
 T = TypeVar("T")
 
@@ -31,9 +34,16 @@ class Retry(Protocol):
     def __call__(self, fn: Callable[[], T], /) -> T: ...
 
 
+class MultipartLedger(Protocol):
+    """Where open multipart uploads are written down, so none is forgotten (the journal)."""
+
+    def set_upload(self, row_id: int, key: str | None, upload_id: str | None) -> None: ...
+
+    def add_orphan(self, key: str, upload_id: str) -> None: ...
+
+
 MAX_PARTS = 10_000
 MIB = 1024 * 1024
-HASH_CHUNK = 8 * MIB
 
 
 class FileChanged(SidecarError):
@@ -51,12 +61,24 @@ class Result:
     mtime_ns: int
     outcome: str
     variant_of: str = ""
+    version: Version = (0, 0, 0, 0)  # (size, mtime, inode, ctime) of the version read
 
 
 def part_size_for(size: int, minimum: int) -> int:
     """Equal part size (whole MiB, at least ``minimum``) so that ``size`` needs at most 10,000 parts."""
     needed = math.ceil(size / MAX_PARTS)
     return max(minimum, math.ceil(needed / MIB) * MIB)
+
+
+@dataclass(frozen=True, slots=True)
+class _Content:
+    """What was read: the whole-file MD5, and for multipart the MD5 of each part."""
+
+    md5: str
+    st: os.stat_result
+    data: bytes = b""
+    part_size: int = 0
+    part_md5s: tuple[str, ...] = ()
 
 
 class Transfer:
@@ -71,7 +93,7 @@ class Transfer:
         multipart_threshold: int,
         part_size: int,
         retry: Retry,
-        on_multipart: Callable[[int, str | None, str | None], None],
+        ledger: MultipartLedger,
         on_progress: Callable[[int, int], None] = lambda done, total: None,
     ) -> None:
         self._store = store
@@ -80,128 +102,115 @@ class Transfer:
         self._threshold = multipart_threshold
         self._part_size = part_size
         self._retry = retry
-        self._on_multipart = on_multipart
+        self._ledger = ledger
         self._on_progress = on_progress
 
     def run(self, row: FileRow) -> Result:
         fd, st = open_regular(self._root, row.path)
         with os.fdopen(fd, "rb") as f:
-            if st.st_size > self._threshold:
-                return self._multipart(row, f, st)
+            content = self._read(row, f, st)
+            if row.etag is not None and row.key and row.md5 == content.md5:
+                return self._result(row.key, row.etag, content, "unchanged")
+            base = self._keys.key_for(row.path, mtime_ns=st.st_mtime_ns, md5=content.md5)
+            check_key(base)
+            variant = KeyBuilder.variant(base, content.md5)
+            # Known new content under a name we uploaded before goes to its variant at once.
+            first = variant if row.etag is not None and row.md5 != content.md5 else base
+            candidates = [first] if first == variant else [base, variant]
+            for key in candidates:
+                check_key(key)
+                try:
+                    etag = self._write(row, f, key, content)
+                except KeyExistsError:
+                    existing = self._ours(key, content)
+                    if existing is not None:
+                        return existing
+                    continue
+                return self._result(key, etag, content, "uploaded", base if key != base else "")
+        raise PermanentStoreError(
+            "the key and its content-hash variant both hold other bytes", operation="PutObject",
+            key=candidates[-1], code="KeyConflict",
+            hint="another writer uses this prefix; change SIDECAR_KEY_TEMPLATE",
+        )
+
+    @staticmethod
+    def _result(key: str, etag: str, c: _Content, outcome: str, variant_of: str = "") -> Result:
+        return Result(key, etag, c.md5, c.st.st_size, c.st.st_mtime_ns, outcome, variant_of, version_of(c.st))
+
+    def _ours(self, key: str, content: _Content) -> Result | None:
+        """The key exists: if it holds our bytes already (a crash after the write), we are done."""
+        info = self._retry(lambda: self._store.head(key))
+        if info is None or info.size != content.st.st_size:
+            return None
+        if info.md5 == content.md5 or (content.part_md5s and info.etag == composite_etag(list(content.part_md5s))):
+            return self._result(key, info.etag, content, "existing")
+        return None
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def _read(self, row: FileRow, f: BinaryIO, st: os.stat_result) -> _Content:
+        if st.st_size <= self._threshold:
             data = f.read()
             if len(data) != st.st_size or not same_version(st, os.fstat(f.fileno())):
                 raise FileChanged(path_text(row.path))
-        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-        unchanged = self._unchanged(row, md5, st)
-        if unchanged:
-            return unchanged
-        base, key = self._first_key(row, md5, st)
-        ctype = content_type(path_text(row.path))
-        try:
-            etag = self._retry(lambda: self._store.put(key, data, md5_hex=md5, content_type=ctype))
-            return Result(key, etag, md5, st.st_size, st.st_mtime_ns, "uploaded", self._variant_of(base, key))
-        except KeyExistsError:
-            pass
-        existing = self._settle_taken_key(key, md5, st)
-        if existing:
-            return existing
-        variant = KeyBuilder.variant(base, md5)
-        check_key(variant)
-        try:
-            etag = self._retry(lambda: self._store.put(variant, data, md5_hex=md5, content_type=ctype))
-        except KeyExistsError:
-            existing = self._settle_taken_key(variant, md5, st)
-            if existing:
-                return existing
-            raise self._conflict(variant) from None
-        return Result(variant, etag, md5, st.st_size, st.st_mtime_ns, "uploaded", base)
-
-    # -- keys -----------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _unchanged(row: FileRow, md5: str, st: os.stat_result) -> Result | None:
-        if row.etag is not None and row.key and row.md5 == md5:
-            return Result(row.key, row.etag, md5, st.st_size, st.st_mtime_ns, "unchanged")
-        return None
-
-    def _first_key(self, row: FileRow, md5: str, st: os.stat_result) -> tuple[str, str]:
-        """(base key, key to try first). Known new content under an uploaded name goes to its variant at once."""
-        base = self._keys.key_for(row.path, mtime_ns=st.st_mtime_ns, md5=md5)
-        check_key(base)
-        if row.etag is not None and row.md5 != md5:
-            variant = KeyBuilder.variant(base, md5)
-            check_key(variant)
-            return base, variant
-        return base, base
-
-    @staticmethod
-    def _variant_of(base: str, key: str) -> str:
-        return base if key != base else ""
-
-    def _settle_taken_key(self, key: str, md5: str, st: os.stat_result) -> Result | None:
-        """The key exists: if it holds our bytes already (a crash after the PUT), we are done."""
-        info = self._retry(lambda: self._store.head(key))
-        if info is not None and info.md5 == md5:
-            return Result(key, info.etag, md5, st.st_size, st.st_mtime_ns, "existing")
-        return None
-
-    @staticmethod
-    def _conflict(key: str) -> PermanentStoreError:
-        return PermanentStoreError(
-            "the key and its content-hash variant both hold other bytes", operation="PutObject", key=key,
-            code="KeyConflict", hint="another writer uses this prefix; change SIDECAR_KEY_TEMPLATE",
-        )
-
-    # -- multipart ------------------------------------------------------------------------------------
-
-    def _multipart(self, row: FileRow, f: BinaryIO, st: os.stat_result) -> Result:
-        md5 = self._hash(f, st, row)
-        unchanged = self._unchanged(row, md5, st)
-        if unchanged:
-            return unchanged
-        base, key = self._first_key(row, md5, st)
-        # Multipart has no conditional create everywhere, so look before writing (a HEAD is Class B on R2).
-        for candidate in (key, KeyBuilder.variant(base, md5)):
-            info = self._retry(lambda k=candidate: self._store.head(k))  # type: ignore[misc]
-            if info is None:
-                key = candidate
-                break
-            if info.md5 == md5:
-                return Result(candidate, info.etag, md5, st.st_size, st.st_mtime_ns, "existing")
-        else:
-            raise self._conflict(key)
-        check_key(key)
-        etag = self._send_parts(row, f, st, key, md5)
-        return Result(key, etag, md5, st.st_size, st.st_mtime_ns, "uploaded", self._variant_of(base, key))
-
-    def _hash(self, f: BinaryIO, st: os.stat_result, row: FileRow) -> str:
-        digest = hashlib.md5(usedforsecurity=False)
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-        if not same_version(st, os.fstat(f.fileno())):
-            raise FileChanged(path_text(row.path))
-        return digest.hexdigest()
-
-    def _send_parts(self, row: FileRow, f: BinaryIO, st: os.stat_result, key: str, md5: str) -> str:
-        ctype = content_type(path_text(row.path))
-        upload_id = self._retry(lambda: self._store.create_multipart(key, md5_hex=md5, content_type=ctype))
-        self._on_multipart(row.id, key, upload_id)
+            return _Content(hashlib.md5(data, usedforsecurity=False).hexdigest(), st, data=data)
         size = part_size_for(st.st_size, self._part_size)
-        etags: list[str] = []
+        whole, parts, total = hashlib.md5(usedforsecurity=False), [], 0
+        while chunk := f.read(size):
+            whole.update(chunk)
+            parts.append(hashlib.md5(chunk, usedforsecurity=False).hexdigest())
+            total += len(chunk)
+        if total != st.st_size or not same_version(st, os.fstat(f.fileno())):
+            raise FileChanged(path_text(row.path))
+        return _Content(whole.hexdigest(), st, part_size=size, part_md5s=tuple(parts))
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    def _write(self, row: FileRow, f: BinaryIO, key: str, content: _Content) -> str:
+        ctype = content_type(path_text(row.path))
+        if not content.part_md5s:
+            return self._retry(lambda: self._store.put(key, content.data, md5_hex=content.md5, content_type=ctype))
+        upload_id = self._retry(lambda: self._store.create_multipart(key, md5_hex=content.md5, content_type=ctype))
+        self._ledger.set_upload(row.id, key, upload_id)
         try:
-            for number, offset in enumerate(range(0, st.st_size, size), start=1):
-                f.seek(offset)
-                data = f.read(size)
-                etags.append(self._retry(lambda d=data, n=number: self._store.upload_part(key, upload_id, n, d)))  # type: ignore[misc]
-                self._on_progress(offset + len(data), st.st_size)
-            if not same_version(st, os.fstat(f.fileno())):
-                raise FileChanged(path_text(row.path))
-            etag = self._retry(lambda: self._store.complete_multipart(key, upload_id, etags))
+            etags = self._send_parts(row, f, key, upload_id, content)
+            etag = self._complete(key, upload_id, etags, content)
         except BaseException:
-            try:
-                self._store.abort_multipart(key, upload_id)
-                self._on_multipart(row.id, None, None)
-            except SidecarError:
-                pass  # the journal still names it; the next start aborts it
+            self._abort(row.id, key, upload_id)
             raise
+        self._ledger.set_upload(row.id, None, None)
         return etag
+
+    def _send_parts(self, row: FileRow, f: BinaryIO, key: str, upload_id: str, content: _Content) -> list[str]:
+        size, total = content.part_size, content.st.st_size
+        etags: list[str] = []
+        for number, offset in enumerate(range(0, total, size), start=1):
+            f.seek(offset)
+            data = f.read(size)
+            if hashlib.md5(data, usedforsecurity=False).hexdigest() != content.part_md5s[number - 1]:
+                raise FileChanged(path_text(row.path))  # the bytes differ from those hashed a moment ago
+            etags.append(self._retry(lambda d=data, n=number: self._store.upload_part(key, upload_id, n, d)))  # type: ignore[misc]
+            self._on_progress(offset + len(data), total)
+        if not same_version(content.st, os.fstat(f.fileno())):
+            raise FileChanged(path_text(row.path))
+        return etags
+
+    def _complete(self, key: str, upload_id: str, etags: list[str], content: _Content) -> str:
+        try:
+            return self._retry(lambda: self._store.complete_multipart(key, upload_id, etags))
+        except PermanentStoreError as exc:
+            # A completion retried after its answer was lost finds the upload gone: it may have succeeded.
+            if exc.code != "NoSuchUpload":
+                raise
+            existing = self._ours(key, content)
+            if existing is None:
+                raise
+            return existing.etag
+
+    def _abort(self, row_id: int, key: str, upload_id: str) -> None:
+        """Free the parts now; if the store does not answer, the journal keeps the id until an abort works."""
+        try:
+            self._store.abort_multipart(key, upload_id)
+        except StoreError:
+            self._ledger.add_orphan(key, upload_id)
+        self._ledger.set_upload(row_id, None, None)

@@ -26,6 +26,35 @@ if TYPE_CHECKING:
 DEFAULT_CHECKSUMS = Config(retries={"total_max_attempts": 1, "mode": "standard"})
 
 
+@pytest.fixture(autouse=True)
+def unconditional_writes_allowed(request: pytest.FixtureRequest) -> None:
+    """These tests exercise the proxy's other rules with plain boto3 writes; the conditional-write rule,
+    which guards the sidecar, has its own test below."""
+    for name in ("r2_proxy", "r2_proxy_http"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).rules.require_conditional_writes = False
+
+
+def test_unconditional_writes_are_refused(r2_proxy: R2Proxy, bucket: str, s3_server: S3Server) -> None:
+    """With the rule on (the default), a PutObject or CompleteMultipartUpload without If-None-Match: * never
+    reaches the store: 400 UnconditionalWrite. With it, both pass."""
+    r2_proxy.rules.require_conditional_writes = True
+    client = r2_proxy.client(r2_safe_config())
+    with pytest.raises(ClientError) as plain:
+        client.put_object(Bucket=bucket, Key="k", Body=b"x", ContentMD5=content_md5(b"x"))
+    assert error_of(plain) == (400, "UnconditionalWrite")
+    client.put_object(Bucket=bucket, Key="k", Body=b"x", ContentMD5=content_md5(b"x"), IfNoneMatch="*")
+    upload = client.create_multipart_upload(Bucket=bucket, Key="m")["UploadId"]
+    etag = client.upload_part(Bucket=bucket, Key="m", UploadId=upload, PartNumber=1, Body=b"p",
+                              ContentMD5=content_md5(b"p"))["ETag"]
+    parts = {"Parts": [{"ETag": etag, "PartNumber": 1}]}
+    with pytest.raises(ClientError) as complete:
+        client.complete_multipart_upload(Bucket=bucket, Key="m", UploadId=upload, MultipartUpload=parts)
+    assert error_of(complete) == (400, "UnconditionalWrite")
+    client.complete_multipart_upload(Bucket=bucket, Key="m", UploadId=upload, MultipartUpload=parts, IfNoneMatch="*")
+    assert s3_server.objects(bucket) == {"k": b"x", "m": b"p"}
+
+
 def error_of(exc: pytest.ExceptionInfo[ClientError]) -> tuple[int, str]:
     response = exc.value.response
     return response["ResponseMetadata"]["HTTPStatusCode"], response["Error"]["Code"]

@@ -50,10 +50,24 @@ def store(r2_proxy: R2Proxy, bucket: str, monkeypatch: pytest.MonkeyPatch) -> S3
     return make_store(r2_proxy, bucket, monkeypatch)
 
 
-def make_transfer(store: S3Store, root: Path, threshold: int = 64 * MIB, part: int = 5 * MIB) -> Transfer:
-    multipart: list[tuple[int, str | None, str | None]] = []
-    return Transfer(store, root, KeyBuilder("pod/{relpath}", "pod"), multipart_threshold=threshold, part_size=part,
-                    retry=once, on_multipart=lambda *a: multipart.append(a))
+class Ledger:
+    """Records what the transfer writes down about multipart uploads (the journal's role)."""
+
+    def __init__(self) -> None:
+        self.open: dict[int, tuple[str | None, str | None]] = {}
+        self.orphans: list[tuple[str, str]] = []
+
+    def set_upload(self, row_id: int, key: str | None, upload_id: str | None) -> None:
+        self.open[row_id] = (key, upload_id)
+
+    def add_orphan(self, key: str, upload_id: str) -> None:
+        self.orphans.append((key, upload_id))
+
+
+def make_transfer(store: S3Store, root: Path, threshold: int = 64 * MIB, part: int = 5 * MIB, *,
+                  template: str = "pod/{relpath}", ledger: Ledger | None = None) -> Transfer:
+    return Transfer(store, root, KeyBuilder(template, "pod"), multipart_threshold=threshold, part_size=part,
+                    retry=once, ledger=ledger or Ledger())
 
 
 def test_put_is_one_r2_acceptable_request(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server, bucket: str) -> None:
@@ -76,11 +90,15 @@ def test_put_never_overwrites(store: S3Store) -> None:
         store.put("k", b"two", md5_hex=md5(b"two"), content_type="image/png")
 
 
-def test_head_reports_our_md5(store: S3Store) -> None:
-    """HEAD tells the content MD5 of an object (from metadata), or None for a missing key."""
+def test_head_reports_the_stores_md5(store: S3Store, s3_server: S3Server, bucket: str) -> None:
+    """HEAD tells the content MD5 of an object -- the store's own single-part ETag, never metadata that
+    claims otherwise -- or None for a missing key."""
     store.put("k", b"one", md5_hex=md5(b"one"), content_type="image/png")
     info = store.head("k")
     assert info is not None and info.md5 == md5(b"one") and info.size == 3
+    s3_server.direct.put_object(Bucket=bucket, Key="forged", Body=b"two", Metadata={"md5": md5(b"one")})
+    forged = store.head("forged")
+    assert forged is not None and forged.md5 == md5(b"two")
     assert store.head("missing") is None
 
 
@@ -138,21 +156,102 @@ def test_transfer_unchanged_content_sends_nothing(store: S3Store, r2_proxy: R2Pr
 def test_transfer_after_lost_journal_does_not_duplicate(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server,
                                                         bucket: str, tmp_path: Path) -> None:
     """If the object is already there with our bytes (crash after PUT), a 412 and a HEAD settle it."""
-    s3_server.direct.put_object(Bucket=bucket, Key="pod/a.png", Body=b"ours", Metadata={"md5": md5(b"ours")})
+    s3_server.direct.put_object(Bucket=bucket, Key="pod/a.png", Body=b"ours")
     (tmp_path / "a.png").write_bytes(b"ours")
     result = make_transfer(store, tmp_path).run(row(b"a.png"))
     assert result.outcome == "existing" and result.key == "pod/a.png"
     assert [r.operation for r in r2_proxy.requests] == ["PutObject", "HeadObject"]
 
 
+@pytest.mark.parametrize("forged", [False, True], ids=["plain", "metadata-claims-our-md5"])
 def test_transfer_foreign_object_is_not_overwritten(store: S3Store, s3_server: S3Server, bucket: str,
-                                                    tmp_path: Path) -> None:
-    """Someone else's bytes under our key stay; ours go to the variant key."""
-    s3_server.direct.put_object(Bucket=bucket, Key="pod/a.png", Body=b"theirs")
+                                                    tmp_path: Path, forged: bool) -> None:
+    """Someone else's bytes under our key stay; ours go to the variant key -- even when the foreign object's
+    metadata names our MD5 (the store's ETag is believed)."""
+    meta = {"md5": md5(b"ours")} if forged else {}
+    s3_server.direct.put_object(Bucket=bucket, Key="pod/a.png", Body=b"theirs", Metadata=meta)
     (tmp_path / "a.png").write_bytes(b"ours")
     result = make_transfer(store, tmp_path).run(row(b"a.png"))
     assert result.variant_of == "pod/a.png"
     assert s3_server.objects(bucket) == {"pod/a.png": b"theirs", result.key: b"ours"}
+
+
+def test_variant_key_is_tried_once(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server, bucket: str,
+                                   tmp_path: Path) -> None:
+    """Key and variant both hold other bytes: parked as KeyConflict after exactly PUT, HEAD, PUT, HEAD."""
+    (tmp_path / "a.png").write_bytes(b"ours")
+    variant = KeyBuilder.variant("pod/a.png", md5(b"ours"))
+    for key in ("pod/a.png", variant):
+        s3_server.direct.put_object(Bucket=bucket, Key=key, Body=b"theirs")
+    with pytest.raises(PermanentStoreError) as err:
+        make_transfer(store, tmp_path).run(row(b"a.png"))
+    assert err.value.code == "KeyConflict"
+    assert [(r.operation, r.key) for r in r2_proxy.requests] == [
+        ("PutObject", "pod/a.png"), ("HeadObject", "pod/a.png"), ("PutObject", variant), ("HeadObject", variant)]
+    # known new content under an uploaded name starts at the variant: one PUT and one HEAD, not two of each
+    r2_proxy.clear()
+    with pytest.raises(PermanentStoreError):
+        make_transfer(store, tmp_path).run(row(b"a.png", md5=md5(b"old"), key="pod/a.png", etag=md5(b"old")))
+    assert [(r.operation, r.key) for r in r2_proxy.requests] == [("PutObject", variant), ("HeadObject", variant)]
+
+
+@pytest.mark.parametrize("forward", [False, True], ids=["store-kept-nothing", "store-kept-it"])
+def test_an_answer_without_etag_is_not_an_upload(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server,
+                                                 bucket: str, forward: bool) -> None:
+    """200 without an ETag proves nothing: a transient ETagMissing, whether or not the store kept the bytes;
+    the retry then settles it (a new PUT, or a 412 and a HEAD that shows our MD5)."""
+    r2_proxy.answer_without_etag(1, forward=forward)
+    with pytest.raises(TransientStoreError) as err:
+        store.put("k", b"one", md5_hex=md5(b"one"), content_type="image/png")
+    assert err.value.code == "ETagMissing"
+    assert s3_server.objects(bucket) == ({"k": b"one"} if forward else {})
+
+
+def test_multipart_completion_is_conditional(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server, bucket: str,
+                                             tmp_path: Path) -> None:
+    """Two big files mapped to one key (a template without {relpath}): the first completes, the second's
+    CompleteMultipartUpload answers 412 and it goes to its variant; no HEAD comes before a multipart upload,
+    every completion carries If-None-Match, and neither object is overwritten."""
+    first, second = os.urandom(6 * MIB), os.urandom(6 * MIB)
+    for folder, data in (("a", first), ("b", second)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.mp4").write_bytes(data)
+    ledger = Ledger()
+    transfer = make_transfer(store, tmp_path, threshold=5 * MIB, template="{pod_id}/{filename}", ledger=ledger)
+    one = transfer.run(row(b"a/x.mp4"))
+    assert r2_proxy.requests[0].operation == "CreateMultipartUpload" and r2_proxy.heads() == []
+    two = transfer.run(row(b"b/x.mp4", id=2))
+    variant = KeyBuilder.variant("pod/x.mp4", md5(second))
+    assert (one.key, two.variant_of, two.key) == ("pod/x.mp4", "pod/x.mp4", variant)
+    assert s3_server.objects(bucket) == {"pod/x.mp4": first, two.key: second}
+    completes = r2_proxy.select(operation="CompleteMultipartUpload")
+    assert [c.status for c in completes] == [200, 412, 200]
+    assert all(c.headers.get("if-none-match") == "*" for c in completes)
+    assert s3_server.direct.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []  # the loser aborted
+    assert ledger.orphans == [] and set(ledger.open.values()) == {(None, None)}
+
+
+def test_multipart_of_our_own_bytes_after_a_lost_journal_is_recognised(
+        store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
+    """A multipart object that is already ours (its composite ETag matches our parts) is 'existing'."""
+    data = os.urandom(6 * MIB)
+    (tmp_path / "x.mp4").write_bytes(data)
+    make_transfer(store, tmp_path, threshold=5 * MIB).run(row(b"x.mp4"))
+    again = make_transfer(store, tmp_path, threshold=5 * MIB).run(row(b"x.mp4"))
+    assert again.outcome == "existing" and s3_server.objects(bucket) == {"pod/x.mp4": data}
+
+
+def test_failed_abort_keeps_the_upload_id(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server, bucket: str,
+                                          tmp_path: Path) -> None:
+    """A part fails, then the abort fails too: the upload id goes to the ledger's orphans, not forgotten."""
+    (tmp_path / "x.mp4").write_bytes(os.urandom(11 * MIB))
+    r2_proxy.fail_all(status=500, code="InternalError",
+                      when=lambda r: r.part_number == 2 or r.operation == "AbortMultipartUpload")
+    ledger = Ledger()
+    with pytest.raises(TransientStoreError):
+        make_transfer(store, tmp_path, threshold=5 * MIB, ledger=ledger).run(row(b"x.mp4"))
+    (open_upload,) = s3_server.direct.list_multipart_uploads(Bucket=bucket)["Uploads"]
+    assert ledger.orphans == [("pod/x.mp4", open_upload["UploadId"])]
 
 
 def test_multipart_uses_equal_parts_and_round_trips(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server,
@@ -178,18 +277,18 @@ def test_part_size_keeps_under_ten_thousand_parts() -> None:
 
 
 @pytest.mark.parametrize("name", ["a b/c%d:e+f=g&h@i,j;k$.png", "émoji 😀/%date:yyyy-MM-dd%/x.png", "t~u!v'w(x)*.png"])
-def test_lean_put_signature_is_valid_for_odd_keys(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server,
-                                                  bucket: str, name: str) -> None:
-    """The lean PUT path signs keys with spaces, %, :, +, & and emoji so that a SigV4 verifier accepts them."""
-    assert store._lean is not None  # the path under test
+def test_put_signature_is_valid_for_odd_keys(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server,
+                                             bucket: str, name: str) -> None:
+    """Keys with spaces, %, :, +, & and emoji are signed so that a SigV4 verifier accepts them."""
     store.put(name, b"odd", md5_hex=md5(b"odd"), content_type="image/png")
     assert s3_server.objects(bucket) == {name: b"odd"}
     (put,) = r2_proxy.puts()
     assert put.headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"  # https + Content-MD5, as boto3 does
 
 
-def test_wrong_secret_is_refused_on_both_paths(r2_proxy: R2Proxy, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The proxy's SigV4 check refuses a wrong secret on the lean PUT and on boto3's own calls alike."""
+def test_wrong_secret_is_refused_and_never_shown(r2_proxy: R2Proxy, bucket: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proxy's SigV4 check refuses a wrong secret on PUT and HEAD; the error is bucket-scoped and secret-free."""
     monkeypatch.setenv("AWS_CA_BUNDLE", str(r2_proxy.ca_bundle))
     settings = load_settings(bucket=bucket, endpoint_url=r2_proxy.endpoint, region="us-east-1",
                              access_key_id="testing", secret_access_key="not-the-secret")
@@ -198,6 +297,6 @@ def test_wrong_secret_is_refused_on_both_paths(r2_proxy: R2Proxy, bucket: str, m
         store.put("k", b"x", md5_hex=md5(b"x"), content_type="image/png")
     with pytest.raises(PermanentStoreError) as boto:
         store.head("k")
-    assert lean.value.code == "SignatureDoesNotMatch"
+    assert lean.value.code == "SignatureDoesNotMatch" and lean.value.scope == "bucket"
     assert boto.value.code in ("SignatureDoesNotMatch", "AccessDenied")
     assert "not-the-secret" not in str(lean.value) + str(boto.value)

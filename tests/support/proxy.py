@@ -181,6 +181,9 @@ class R2Rules:
     max_key_bytes: int | None = 1024  # InvalidObjectName above this (utf-8 bytes)
     verify_content_md5: bool = True  # BadDigest / InvalidDigest
     enforce_if_none_match: bool = True  # 412 for PUT If-None-Match: * on an existing key
+    # 400 UnconditionalWrite for a PutObject / CompleteMultipartUpload without If-None-Match: * (R2 would
+    # overwrite; the sidecar must never send one)
+    require_conditional_writes: bool = True
     equal_part_sizes: bool = True  # InvalidPart at completion when non-final parts differ in size
     min_part_size: int = 0  # EntityTooSmall at completion for a non-final part below this; 0 = off
     signing_secret: str | None = DUMMY_SECRET  # 403 SignatureDoesNotMatch if signed otherwise; None = off
@@ -191,18 +194,20 @@ class R2Rules:
             reject_aws_chunked=False, reject_crc64nvme=False, reject_empty_storage_class=False,
             reject_tagging=False, max_key_bytes=None, verify_content_md5=False,
             enforce_if_none_match=False, equal_part_sizes=False, min_part_size=0, signing_secret=None,
+            require_conditional_writes=False,
         )
 
 
 @dataclass
 class _Fault:
-    kind: Literal["fail", "reset", "hang"]
+    kind: Literal["fail", "reset", "hang", "no_etag"]
     remaining: int | None  # None: until healed
     status: int = 503
     code: str = "SlowDown"
     message: str = "Injected fault"
     when: Predicate | None = None
     release: threading.Event = field(default_factory=threading.Event)
+    forward: bool = False  # no_etag: pass the request on (the store keeps it) or not (a lie)
 
 
 @dataclass
@@ -296,7 +301,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _proxy(self) -> None:
+    def _proxy(self) -> None:  # noqa: PLR0911 - one early return per way a request can end
         proxy = self.server.proxy
         body = self._read_body()
         split = urllib.parse.urlsplit(self.path)
@@ -324,6 +329,9 @@ class _Handler(BaseHTTPRequestHandler):
                 proxy._record(rec, "hang", None, "fault")
                 fault.release.wait()
                 self.close_connection = True
+                return
+            if fault.kind == "no_etag":
+                self._answer_without_etag(rec, split, body, forward=fault.forward)
                 return
             self._reply_error(rec, _Rejection(fault.status, fault.code, fault.message), "fault")
             return
@@ -354,6 +362,17 @@ class _Handler(BaseHTTPRequestHandler):
         proxy._after_upstream(rec, status, payload)
         proxy._record(rec, status, code, "upstream")
         self._send(status, resp_headers, resp_body)
+
+    def _answer_without_etag(self, rec: RecordedRequest, split: urllib.parse.SplitResult, body: bytes, *,
+                             forward: bool) -> None:
+        """200 without an ETag: after passing the request on (``forward``), or instead of it (a lie)."""
+        status, headers, data = 200, [("Date", self.date_time_string())], b""
+        if forward:
+            status, headers, data = self._forward(split, body)
+            headers = [(k, v) for k, v in headers if k.lower() != "etag"]
+            data = re.sub(rb"<ETag>[^<]*</ETag>", b"", data)
+        self.server.proxy._record(rec, status, None, "fault")
+        self._send(status, headers, data)
 
     def _forward(
         self, split: urllib.parse.SplitResult, body: bytes
@@ -657,6 +676,14 @@ class R2Proxy:
         with self._lock:
             self._faults.append(_Fault("reset", n, when=when))
 
+    def answer_without_etag(
+        self, n: int | None = None, *, forward: bool = False, when: Predicate | None = None
+    ) -> None:
+        """Answer the next ``n`` (None: all, until :meth:`heal`) matching requests 200 without an ETag, having
+        passed them on to the store (``forward``) or not (a store that claims to keep what it never got)."""
+        with self._lock:
+            self._faults.append(_Fault("no_etag", n, when=when, forward=forward))
+
     def hang(self, when: Predicate | None = None) -> None:
         """Read requests and never answer; on :meth:`heal` their connections are closed unanswered."""
         with self._lock:
@@ -719,11 +746,19 @@ class R2Proxy:
 
     def _check_rules(self, rec: RecordedRequest, payload: bytes) -> _Rejection | None:
         """The first R2 rule this request breaks, in the order R2 would notice it."""
-        for check in (self._check_headers, self._check_key, self._check_digest, self._check_parts):
+        for check in (self._check_conditional, self._check_headers, self._check_key, self._check_digest,
+                      self._check_parts):
             rejection = check(rec, payload)
             if rejection is not None:
                 return rejection
         return None
+
+    def _check_conditional(self, rec: RecordedRequest, payload: bytes) -> _Rejection | None:
+        if not self.rules.require_conditional_writes or rec.operation not in ("PutObject", "CompleteMultipartUpload"):
+            return None
+        if rec.headers.get("if-none-match", "").strip() == "*":
+            return None
+        return _Rejection(400, "UnconditionalWrite", f"test proxy: {rec.operation} without If-None-Match: *")
 
     def _check_headers(self, rec: RecordedRequest, payload: bytes) -> _Rejection | None:
         rules, h = self.rules, rec.headers
