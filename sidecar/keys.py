@@ -4,8 +4,7 @@ Placeholders: ``{pod_id}``, ``{relpath}`` (``/``-separated), ``{filename}``, ``{
 ``{date}`` (UTC date of the file's mtime, ``YYYY-MM-DD``) and ``{md5}``. Bytes of a path that are not
 valid UTF-8, and control characters (tab, newline, ...: S3 listings are XML, which cannot carry most of them,
 and servers and tools mishandle the rest; moto answers a PUT of ``a\nb`` with a bare 404), are written as
-``%XX`` so every key is printable UTF-8; a clash with a real ``%XX`` name is caught by the conditional
-write like any other taken key.
+``%XX`` so every key is printable UTF-8, and so is ``%`` itself (``%25``), so no two paths share a key.
 """
 
 from __future__ import annotations
@@ -20,20 +19,22 @@ MAX_KEY_BYTES = 1024
 VARIANT_HASH_CHARS = 12
 
 
-_CONTROL = {code: f"%{code:02X}" for code in (*range(0x20), 0x7F)}
+# Escaped as %XX: control characters, and '%' itself, so that the mapping from paths to keys is injective
+# (without it, a file literally named "a%0A.png" and one named "a<newline>.png" would share a key).
+_ESCAPED = {code: f"%{code:02X}" for code in (*range(0x20), 0x25, 0x7F)}
 
 
 def path_text(path: bytes) -> str:
-    """A relative path as text: UTF-8 where valid, ``%XX`` for each byte that is not or is a control character."""
+    """A relative path as text: UTF-8 where valid; ``%XX`` for each byte that is not, for control characters
+    and for ``%``. Distinct paths give distinct texts."""
     try:
-        return path.decode("utf-8").translate(_CONTROL)
+        return path.decode("utf-8").translate(_ESCAPED)
     except UnicodeDecodeError:
         out: list[str] = []
-        text = path.decode("utf-8", errors="surrogateescape")
-        for ch in text:
+        for ch in path.decode("utf-8", errors="surrogateescape"):
             code = ord(ch)
-            out.append(f"%{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else ch)
-        return "".join(out).translate(_CONTROL)
+            out.append(f"%{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else ch.translate(_ESCAPED))
+        return "".join(out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,11 @@ from pathlib import Path
 
 from sidecar.errors import SourceFileError
 
+# OS errors that say "not now" rather than "never": the file is retried with backoff, not parked.
+TRANSIENT_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.EIO, errno.ESTALE, errno.EAGAIN, errno.ENOMEM, errno.EINTR,
+     errno.ETIMEDOUT, errno.ENOBUFS, errno.EBUSY, errno.ENOLCK, errno.EDEADLK}
+)
 F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 F_RDLCK = getattr(fcntl, "F_RDLCK", 0)
 F_UNLCK = getattr(fcntl, "F_UNLCK", 2)
@@ -45,19 +50,19 @@ def open_regular(root: Path, relpath: bytes) -> tuple[int, os.stat_result]:
     try:
         folder = os.open(os.fsencode(root), FOLDER_FLAGS & ~os.O_NOFOLLOW)  # the root itself may be a link
     except OSError as exc:
-        raise SourceFileError(_reason(exc), shown) from None
+        raise source_error(exc, shown) from None
     try:
         for part in parts[:-1]:
             try:
                 inner = os.open(part, FOLDER_FLAGS, dir_fd=folder)
             except OSError as exc:
-                raise SourceFileError(_folder_reason(exc, part, folder), shown) from None
+                raise source_error(exc, shown, _folder_reason(exc, part, folder)) from None
             os.close(folder)
             folder = inner
         try:
             fd = os.open(parts[-1], OPEN_FLAGS, dir_fd=folder)
         except OSError as exc:
-            raise SourceFileError(_reason(exc), shown) from None
+            raise source_error(exc, shown) from None
     finally:
         os.close(folder)
     st = os.fstat(fd)
@@ -66,6 +71,12 @@ def open_regular(root: Path, relpath: bytes) -> tuple[int, os.stat_result]:
         raise SourceFileError("not_regular", shown)
     os.set_blocking(fd, True)
     return fd, st
+
+
+def source_error(exc: OSError, shown: str, reason: str | None = None) -> SourceFileError:
+    """An OS error on a watched file as a SourceFileError: its reason, its strerror, transient or not."""
+    return SourceFileError(reason or _reason(exc), shown, detail=exc.strerror or str(exc),
+                           transient=exc.errno in TRANSIENT_ERRNOS)
 
 
 def _reason(exc: OSError) -> str:
@@ -106,5 +117,6 @@ def writer_holds(fd: int) -> bool | None:
 
 
 def same_version(a: os.stat_result, b: os.stat_result) -> bool:
-    """True when two stats describe the same content version of a file (size, mtime, inode)."""
-    return (a.st_size, a.st_mtime_ns, a.st_ino, a.st_dev) == (b.st_size, b.st_mtime_ns, b.st_ino, b.st_dev)
+    """True when two stats describe the same content version of a file (size, mtime, inode, ctime)."""
+    return (a.st_size, a.st_mtime_ns, a.st_ino, a.st_dev, a.st_ctime_ns) == (
+        b.st_size, b.st_mtime_ns, b.st_ino, b.st_dev, b.st_ctime_ns)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import structlog
 
 from sidecar.filters import PathFilter
 from sidecar.journal import Journal
+from sidecar.journal_schema import Version, version_of
 from sidecar.keys import path_text
 
 log = structlog.get_logger("sidecar.scanner")
@@ -50,8 +52,10 @@ class Scanner:
         backlog: Callable[[], int] = lambda: 0,
         max_backlog: int = MAX_BACKLOG,
         clock: Callable[[], float] = time.monotonic,
+        stop: threading.Event | None = None,
     ) -> None:
         self._root = os.fsencode(root)
+        self._stop = stop if stop is not None else threading.Event()
         self._backlog = backlog
         self._max_backlog = max_backlog
         self._journal = journal
@@ -63,34 +67,38 @@ class Scanner:
         """Reconcile the whole tree, or only ``subdir`` (relative), against the journal."""
         started = self._clock()
         files = offered = 0
-        batch: list[tuple[bytes, int, int]] = []
+        batch: list[tuple[bytes, Version]] = []
         for item in self._walk(subdir):
             files += 1
             batch.append(item)
             if len(batch) >= BATCH:
                 offered += self._reconcile(batch)
                 batch = []
-                self._wait_for_room()
+                if not self._wait_for_room():
+                    break  # shutting down: the next start scans again
         offered += self._reconcile(batch)
         return ScanResult(files=files, offered=offered, duration_s=self._clock() - started)
 
-    def _wait_for_room(self) -> None:
+    def _wait_for_room(self) -> bool:
         """Backpressure: a cold start over 100,000 unknown files must not hold them all in memory at once.
-        The settler hands confirmed files to the journal (on disk); the walk waits while it is full."""
+        The settler hands confirmed files to the journal (on disk); the walk waits while it is full.
+        False when a shutdown cut the wait short."""
         while self._backlog() > self._max_backlog:
-            time.sleep(BACKLOG_POLL_S)
+            if self._stop.wait(BACKLOG_POLL_S):
+                return False
+        return not self._stop.is_set()
 
-    def _reconcile(self, batch: list[tuple[bytes, int, int]]) -> int:
-        known = self._journal.known([rel for rel, _, _ in batch])
+    def _reconcile(self, batch: list[tuple[bytes, Version]]) -> int:
+        known = self._journal.known([rel for rel, _ in batch])
         offered = 0
-        for rel, size, mtime_ns in batch:
+        for rel, version in batch:
             seen = known.get(rel)
-            if seen is None or seen[:2] != (size, mtime_ns) or seen[2] == "skipped":
+            if seen is None or seen[0] != version or seen[1] == "skipped":
                 self._offer(rel, "scan")
                 offered += 1
         return offered
 
-    def _walk(self, subdir: bytes) -> Iterator[tuple[bytes, int, int]]:
+    def _walk(self, subdir: bytes) -> Iterator[tuple[bytes, Version]]:
         start = os.path.join(self._root, subdir) if subdir else self._root
         prefix_len = len(self._root.rstrip(b"/")) + 1
         stack = [start]
@@ -111,4 +119,4 @@ class Scanner:
                     if self._filter.dir_skip_reason(path_text(rel)) is None:
                         stack.append(entry.path)
                 elif stat.S_ISREG(st.st_mode) and self._filter.skip_reason(path_text(rel)) is None:
-                    yield rel, st.st_size, st.st_mtime_ns
+                    yield rel, version_of(st)

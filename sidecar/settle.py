@@ -192,7 +192,8 @@ class Settler:
         check = self._finished(relpath, entry, writer, st, now) if stable else None
         if check is not None:
             self._on_confirmed(check)
-            return Candidate(path=relpath, size=st.st_size, mtime_ns=st.st_mtime_ns, source=entry.source)
+            return Candidate(path=relpath, size=st.st_size, mtime_ns=st.st_mtime_ns, source=entry.source,
+                             ino=st.st_ino, ctime_ns=st.st_ctime_ns)
         entry.rechecks += 1
         if writer:
             backoff = self._settle_s * (2 ** min(entry.rechecks - 1, 5))

@@ -78,3 +78,20 @@ def test_over_long_key_is_a_permanent_invalid_object_name() -> None:
 def test_content_type_from_extension(name: str, ctype: str) -> None:
     """Content-Type follows the extension, including formats mimetypes does not know."""
     assert content_type(name) == ctype
+
+
+def test_keys_are_injective_over_hostile_names() -> None:
+    """No two distinct paths share a key: a literal '%XX' in a name, the control byte it spells, invalid
+    UTF-8 and its surrogate spelling, every single byte value, and random mixes of them."""
+    import random  # noqa: PLC0415
+
+    names = {b"a%0A.png", b"a\n.png", b"a%25.png", b"a%.png", b"a%%.png", b"a%FF.png", b"a\xff.png",
+             b"%2F.png", b"d%2Fe.png", b"x%7F.png", b"x\x7f.png", b"\xed\xb2\x80.png", b"\t.png", b"%09.png"}
+    names |= {bytes([b]) + b".png" for b in range(256) if b not in (0x2F,)}
+    rng = random.Random(1234)
+    alphabet = [b"%", b"0", b"A", b"F", b"\n", b"\xff", b"\xc3\xa9", b"a", b"\x7f", b"2", b"5"]
+    names |= {b"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) + b".png" for _ in range(20_000)}
+    builder = KeyBuilder("pod/{relpath}", "pod")
+    keys = {builder.key_for(b"d/" + name, mtime_ns=0, md5="0" * 32) for name in names}
+    assert len(keys) == len(names)
+    assert path_text(b"a%0A.png") == "a%250A.png" and path_text(b"a\n.png") == "a%0A.png"

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 import stat
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sidecar.errors import JournalError
-from sidecar.journal import MIGRATIONS, Candidate, Journal
+from sidecar.journal import MIGRATIONS, Candidate, FileRow, Journal, JournalCorrupt, open_journal
 
 
 class Clock:
@@ -30,8 +34,12 @@ def journal(tmp_path: Path, clock: Clock) -> Journal:
     return Journal(tmp_path / "state" / "journal.sqlite3", clock=clock)
 
 
-def cand(path: bytes, size: int = 10, mtime_ns: int = 1) -> Candidate:
-    return Candidate(path=path, size=size, mtime_ns=mtime_ns, source="close")
+def cand(path: bytes, size: int = 10, mtime_ns: int = 1, ino: int = 5, ctime_ns: int = 1) -> Candidate:
+    return Candidate(path=path, size=size, mtime_ns=mtime_ns, source="close", ino=ino, ctime_ns=ctime_ns)
+
+
+def uploaded(journal: Journal, row: FileRow, md5: str = "m1", key: str = "k/a.png") -> None:
+    journal.mark_uploaded(row, uploaded=row.version, md5=md5, key=key, etag=md5)
 
 
 def test_new_files_are_queued_once(journal: Journal) -> None:
@@ -57,7 +65,7 @@ def test_uploaded_then_changed_keeps_last_upload_facts(journal: Journal) -> None
     """A changed file is pending again but remembers the key and MD5 of its last upload."""
     journal.record([cand(b"a.png")])
     row = journal.claim(1)[0]
-    journal.mark_uploaded(row.id, size=10, mtime_ns=1, md5="m1", key="k/a.png", etag="m1")
+    uploaded(journal, row)
     assert journal.record([cand(b"a.png")]) == []  # unchanged stat: nothing to do
     journal.record([cand(b"a.png", size=11, mtime_ns=2)])
     again = journal.claim(1)[0]
@@ -68,7 +76,7 @@ def test_retry_waits_for_its_time_and_counts_attempts(journal: Journal, clock: C
     """A retried row is not claimable before next_attempt_at and carries its attempt count and error."""
     journal.record([cand(b"a.png")])
     row = journal.claim(1)[0]
-    journal.mark_retry(row.id, error="boom", error_class="InternalError", delay_s=30)
+    journal.mark_retry(row, error="boom", error_class="InternalError", delay_s=30)
     assert journal.claim(1) == []
     assert journal.next_due_in() == pytest.approx(30)
     clock.now += 30
@@ -79,7 +87,7 @@ def test_retry_waits_for_its_time_and_counts_attempts(journal: Journal, clock: C
 def test_failed_rows_are_parked_until_requeued(journal: Journal) -> None:
     """A failed row stays failed, even when rescanned unchanged, until requeue_failed."""
     journal.record([cand(b"a.png")])
-    journal.mark_failed(journal.claim(1)[0].id, error="AccessDenied", error_class="AccessDenied")
+    journal.mark_failed(journal.claim(1)[0], error="AccessDenied", error_class="AccessDenied")
     assert journal.record([cand(b"a.png")]) == []
     assert journal.stats()["failed"][0] == 1
     assert journal.rows("failed")[0].last_error == "AccessDenied"
@@ -90,7 +98,7 @@ def test_failed_rows_are_parked_until_requeued(journal: Journal) -> None:
 def test_skipped_rows_come_back_when_seen_again(journal: Journal) -> None:
     """A file skipped as vanished is queued again when it reappears."""
     journal.record([cand(b"a.png")])
-    journal.mark_skipped(journal.claim(1)[0].id, reason="vanished")
+    journal.mark_skipped(journal.claim(1)[0], reason="vanished")
     assert journal.record([cand(b"a.png")]) == [cand(b"a.png")]
 
 
@@ -100,17 +108,58 @@ def test_oldest_pending_age_and_known(journal: Journal, clock: Clock) -> None:
     journal.record([cand(b"a.png", size=5, mtime_ns=7)])
     clock.now += 12.5
     assert journal.oldest_pending_age() == pytest.approx(12.5)
-    assert journal.known([b"a.png", b"zzz"]) == {b"a.png": (5, 7, "pending")}
+    assert journal.known([b"a.png", b"zzz"]) == {b"a.png": ((5, 7, 5, 1), "pending")}
 
 
-def test_multipart_upload_is_remembered_until_done(journal: Journal) -> None:
-    """An open multipart upload is listed as orphaned until the upload is marked done."""
+def test_multipart_upload_left_open_becomes_an_orphan_kept_until_aborted(journal: Journal) -> None:
+    """An upload a crash left open is an orphan at the next start; it stays listed until drop_orphan
+    (an abort that worked), whatever happens to its row meanwhile."""
     journal.record([cand(b"big.mp4")])
     row = journal.claim(1)[0]
     journal.set_upload(row.id, "k/big.mp4", "upload-1")
-    assert journal.orphaned_multipart() == [(row.id, "k/big.mp4", "upload-1")]
-    journal.mark_uploaded(row.id, size=10, mtime_ns=1, md5="m", key="k/big.mp4", etag="e-2")
-    assert journal.orphaned_multipart() == []
+    assert journal.orphan_open_uploads() == 1
+    uploaded(journal, row, key="k/big.mp4")  # the row's next upload succeeds; the orphan is not forgotten
+    journal.add_orphan("k/other.mp4", "upload-2")
+    assert journal.orphans() == [("k/big.mp4", "upload-1"), ("k/other.mp4", "upload-2")]
+    journal.drop_orphan("upload-1")
+    assert journal.orphans() == [("k/other.mp4", "upload-2")]
+
+
+def test_same_size_and_mtime_replacement_is_a_new_version(journal: Journal) -> None:
+    """A file renamed over another with equal size and mtime (another inode), or rewritten with its mtime
+    restored (another ctime), is queued again."""
+    journal.record([cand(b"a.png")])
+    uploaded(journal, journal.claim(1)[0])
+    assert journal.record([cand(b"a.png", ino=6)]) == [cand(b"a.png", ino=6)]
+    uploaded(journal, journal.claim(1)[0])
+    assert journal.record([cand(b"a.png", ino=6, ctime_ns=2)]) == [cand(b"a.png", ino=6, ctime_ns=2)]
+
+
+@pytest.mark.parametrize("outcome", ["failed", "skipped", "retry", "uploaded"])
+def test_newer_version_recorded_during_an_attempt_is_never_parked_untried(journal: Journal, outcome: str) -> None:
+    """Whatever the attempt on the old version ended in, the version recorded meanwhile is pending, due now,
+    with fresh attempts."""
+    journal.record([cand(b"a.png")])
+    row = journal.claim(1)[0]
+    journal.record([cand(b"a.png", size=11, mtime_ns=2)])  # the file changed while it uploaded
+    if outcome == "failed":
+        journal.mark_failed(row, error="x", error_class="AccessDenied")
+    elif outcome == "skipped":
+        journal.mark_skipped(row, reason="vanished")
+    elif outcome == "retry":
+        journal.mark_retry(row, error="x", error_class="SlowDown", delay_s=300)
+    else:
+        uploaded(journal, row)
+    again = journal.claim(1)
+    assert [(r.path, r.size, r.attempts) for r in again] == [(b"a.png", 11, 0)]
+
+
+def test_outcome_of_the_claimed_version_is_kept(journal: Journal) -> None:
+    """Without a newer version the outcome stands: failed is failed, with its class and message."""
+    journal.record([cand(b"a.png")])
+    journal.mark_failed(journal.claim(1)[0], error="denied", error_class="AccessDenied")
+    (row,) = journal.rows("failed")
+    assert (row.error_class, row.last_error, row.attempts) == ("AccessDenied", "denied", 1)
 
 
 def test_private_permissions_and_wal(tmp_path: Path, journal: Journal) -> None:
@@ -123,12 +172,72 @@ def test_private_permissions_and_wal(tmp_path: Path, journal: Journal) -> None:
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
-def test_corrupt_journal_is_a_clear_error(tmp_path: Path) -> None:
-    """A file that is not a database gives a JournalError that says what to do."""
+@pytest.mark.parametrize("content", [b"this is not sqlite" * 100, b""], ids=["garbage", "empty"])
+def test_damaged_or_empty_journal_is_moved_aside_and_rebuilt(tmp_path: Path, content: bytes) -> None:
+    """Journal() refuses it (JournalCorrupt); open_journal() moves it aside with a timestamp, keeps its
+    bytes for a post-mortem, and starts a new journal that works."""
     path = tmp_path / "journal.sqlite3"
-    path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(JournalError, match="move it aside"):
+    path.write_bytes(content)
+    with pytest.raises(JournalCorrupt):
         Journal(path)
+    journal, moved = open_journal(path)
+    assert moved is not None and moved.name.startswith("journal.sqlite3.corrupt-") and moved.read_bytes() == content
+    assert journal.record([cand(b"a.png")]) == [cand(b"a.png")] and journal.problem() is None
+
+
+def _as_nobody(fn: Callable[[], str]) -> str:
+    """Run ``fn`` in a forked child with uid/gid 65534 (a process that does not own the files); its result."""
+    if os.getuid() != 0:
+        return fn()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root, answer through the pipe, never return into pytest
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write, fn().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as f:
+        return f.read().decode()
+
+
+def test_read_only_journal_is_one_clear_line() -> None:
+    """A journal the daemon may not write (here: owned by another uid) is refused at open with one line
+    naming the file and the uid -- not taken for damage, not moved aside."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="sidecar-ro-", dir="/tmp"))  # pytest's tmp_path is root-only
+    path = tmp_path / "journal.sqlite3"
+    Journal(path).close()
+    path.chmod(0o644)
+    tmp_path.chmod(0o755)
+
+    def attempt() -> str:
+        try:
+            open_journal(path)
+        except JournalCorrupt as exc:
+            return f"corrupt: {exc}"
+        except JournalError as exc:
+            return f"error: {exc}"
+        return "opened"
+
+    answer = _as_nobody(attempt)
+    assert answer.startswith("error: ") and "read-only" in answer and "uid 65534" in answer, answer
+    left = sorted(p.name for p in tmp_path.iterdir())
+    shutil.rmtree(tmp_path)
+    assert "\n" not in answer and left == ["journal.sqlite3"]
+
+
+def test_deleted_or_replaced_journal_is_detected(tmp_path: Path) -> None:
+    """problem() says None while all is well, and names a journal deleted or replaced under us."""
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    assert journal.problem() is None
+    path.rename(tmp_path / "elsewhere")
+    assert "deleted" in (journal.problem() or "")
+    path.write_bytes(b"")
+    assert "replaced" in (journal.problem() or "")
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

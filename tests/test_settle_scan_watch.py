@@ -10,11 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 from support.waiting import wait_until
 
 from sidecar.config import DEFAULT_EXTENSIONS
 from sidecar.filters import PathFilter
+from sidecar.health import Canary
+from sidecar.intake import Intake
 from sidecar.journal import Candidate, Journal
+from sidecar.metrics import Metrics
 from sidecar.scanner import Scanner
 from sidecar.settle import Settler
 from sidecar.watcher import Watcher
@@ -122,9 +126,10 @@ def test_scan_offers_only_new_or_changed_files(tmp_path: Path) -> None:
     (root / "link.png").symlink_to(root / "a.png")
     journal = Journal(tmp_path / "j.sqlite3")
     st = (root / "a.png").stat()
-    journal.record([Candidate(b"a.png", st.st_size, st.st_mtime_ns, "scan")])
+    journal.record([Candidate(b"a.png", st.st_size, st.st_mtime_ns, "scan", st.st_ino, st.st_ctime_ns)])
     st = (root / "sub/b.webp").stat()
-    journal.record([Candidate(b"sub/b.webp", st.st_size + 1, st.st_mtime_ns, "scan")])  # changed since
+    journal.record([Candidate(b"sub/b.webp", st.st_size + 1, st.st_mtime_ns, "scan", st.st_ino,
+                              st.st_ctime_ns)])  # changed since
     offered: list[bytes] = []
     scanner = Scanner(root, journal=journal, path_filter=PathFilter(DEFAULT_EXTENSIONS.split(",")),
                       offer=lambda rel, source: offered.append(rel))
@@ -262,3 +267,18 @@ def test_scan_pauses_while_the_settler_is_full(tmp_path: Path) -> None:
     released.set()
     walker.join(timeout=10)
     assert not walker.is_alive() and len(offered) == 1500
+
+
+def test_intake_counts_one_skip_per_file_not_per_event(tmp_path: Path) -> None:
+    """Three filtered files, each seen as create, modify and close: files_skipped_total moves by 3, not 9."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    journal = Journal(tmp_path / "j.sqlite3")
+    settler = Settler(tmp_path, settle_s=0.05, on_ready=lambda c: None)
+    intake = Intake(canary=Canary(tmp_path), path_filter=PathFilter(DEFAULT_EXTENSIONS.split(",")), settler=settler,
+                    journal=journal, metrics=metrics, wake=lambda: None, want_dir=lambda rel: None)
+    for name in (b"a.txt", b"b.txt", b"c.txt"):
+        for source in ("create", "modify", "close"):
+            intake.on_path(name, source)
+    assert registry.get_sample_value("sidecar_files_skipped_total", {"reason": "extension"}) == 3
+    assert len(settler) == 0
