@@ -16,7 +16,9 @@ from prometheus_client.registry import Collector
 from sidecar import __version__
 from sidecar.health import REASONS
 
-OUTCOMES = ("uploaded", "existing", "unchanged", "retry", "failed", "skipped", "changed")
+OUTCOMES = ("uploaded", "existing", "unchanged", "retry", "paused", "failed", "skipped")
+STORE_STATES = ("up", "down", "broken", "unknown")
+JOURNAL_PROBLEMS = ("rebuilt", "deleted", "replaced", "commit_failed")
 # Canary verdicts (sidecar.health) plus the daemon's fallback to polling when the watch limit skipped a folder.
 WATCHER_RESTART_REASONS = (*REASONS, "watch_limit")
 SIZE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
@@ -37,7 +39,7 @@ class Metrics:
         )
         self.uploads = Counter(
             "sidecar_uploads_total",
-            "Finished upload attempts by outcome (uploaded, existing, unchanged, retry, failed, skipped, changed).",
+            "Finished upload attempts by outcome (uploaded, existing, unchanged, retry, paused, failed, skipped).",
             ["outcome"], registry=registry,
         )
         self.retries = Counter(
@@ -101,10 +103,23 @@ class Metrics:
             "sidecar_store_reachable", "1 when the last request to the object store got an answer.",
             registry=registry,
         )
+        self.store_state = Gauge(
+            "sidecar_store_state", "1 for the object store's current state (up, down: no answer, broken: answers "
+            "no retry will change, unknown: no request yet).", ["state"], registry=registry,
+        )
+        self.journal_problems = Counter(
+            "sidecar_journal_problems_total", "Journal faults: rebuilt (a damaged file moved aside), deleted or "
+            "replaced under the running daemon, commit_failed (readiness could not commit).", ["problem"],
+            registry=registry,
+        )
         Info("sidecar_build", "Build information.", registry=registry).info({"version": __version__})
         # Create the bounded label sets up front so increase() sees the first failure after a restart.
         for outcome in OUTCOMES:
             self.uploads.labels(outcome=outcome)
+        for state in STORE_STATES:
+            self.store_state.labels(state=state).set(1 if state == "unknown" else 0)
+        for problem in JOURNAL_PROBLEMS:
+            self.journal_problems.labels(problem=problem)
         for source in ("event", "scan"):
             self.files_discovered.labels(source=source)
         for reason in WATCHER_RESTART_REASONS:

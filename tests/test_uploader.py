@@ -1,7 +1,9 @@
-"""The uploader's bookkeeping: backoff, breaker, outcomes in the journal and metrics, over a real server."""
+"""The uploader's bookkeeping: backoff, StoreHealth, one outcome per attempt in the journal and metrics,
+over a real server."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -11,13 +13,15 @@ from prometheus_client import CollectorRegistry
 from support.proxy import R2Proxy
 from support.s3server import S3Server
 
-from sidecar.backoff import Breaker, RetryPolicy, backoff
+from sidecar.backoff import RetryPolicy, backoff
 from sidecar.config import load_settings
-from sidecar.journal import Candidate, Journal
+from sidecar.errors import TransientStoreError
+from sidecar.journal import Candidate, FileRow, Journal
 from sidecar.keys import KeyBuilder
 from sidecar.metrics import Metrics
+from sidecar.store_health import StoreHealth, StoreProbe
 from sidecar.store_s3 import S3Store, make_client
-from sidecar.transfer import MIB, Transfer
+from sidecar.transfer import MIB, FileChanged, Result, Transfer
 from sidecar.uploader import Uploader
 
 POLICY = RetryPolicy(max_attempts=3, base_s=1.0, cap_s=8.0)
@@ -39,67 +43,193 @@ def test_backoff_is_exponential_jittered_and_capped() -> None:
     assert backoff(30, base=1, cap=8, rand=lambda: 1.0) == 8
 
 
-def test_breaker_lets_one_probe_through_per_step() -> None:
-    """While the store is down no work is claimed except one probe per backoff step; success closes it."""
-    clock = Clock()
-    breaker = Breaker(POLICY, clock)
-    assert breaker.allowance(4) == 4
-    breaker.record(reachable=False)
-    assert breaker.allowance(4) == 0
-    clock.now += 10
-    assert breaker.allowance(4) == 1
-    assert breaker.allowance(4) == 0
-    assert breaker.record(reachable=True) is True
-    assert breaker.allowance(4) == 4
-
-
 @pytest.fixture
 def rig(tmp_path: Path, r2_proxy: R2Proxy, bucket: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setenv("AWS_CA_BUNDLE", str(r2_proxy.ca_bundle))
     settings = load_settings(bucket=bucket, endpoint_url=r2_proxy.endpoint, region="us-east-1",
                              access_key_id="testing", secret_access_key="testing")
-    store = S3Store(make_client(settings), bucket)
+    health = StoreHealth()
+    store = S3Store(make_client(settings), bucket, observer=health.observe)
+    health.verify = store.check
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     journal = Journal(tmp_path / "journal.sqlite3")
     root = tmp_path / "out"
     root.mkdir()
+    transfers: list[Transfer] = []
 
     def factory(retry: Any, progress: Any) -> Transfer:
-        return Transfer(store, root, KeyBuilder("p/{relpath}", "p"), multipart_threshold=5 * MIB,
-                        part_size=5 * MIB, retry=retry, on_multipart=journal.set_upload, on_progress=progress)
+        transfers.append(Transfer(store, root, KeyBuilder("p/{relpath}", "p"), multipart_threshold=5 * MIB,
+                                  part_size=5 * MIB, retry=retry, ledger=journal, on_progress=progress))
+        return transfers[-1]
 
-    uploader = Uploader(journal, factory, workers=2, policy=POLICY, metrics=metrics)
-    return {"journal": journal, "root": root, "uploader": uploader, "registry": registry}
+    uploader = Uploader(journal, factory, workers=2, policy=POLICY, metrics=metrics, health=health)
+    return {"journal": journal, "root": root, "uploader": uploader, "registry": registry, "health": health,
+            "store": store, "transfer": transfers[0]}
 
 
 def queue(rig: dict[str, Any], name: str, data: bytes) -> None:
     path = rig["root"] / name
     path.write_bytes(data)
     st = path.stat()
-    rig["journal"].record([Candidate(name.encode(), st.st_size, st.st_mtime_ns, "close")])
+    rig["journal"].record([Candidate(name.encode(), st.st_size, st.st_mtime_ns, "close", st.st_ino, st.st_ctime_ns)])
 
 
-def test_transient_errors_retry_then_park(rig: dict[str, Any], r2_proxy: R2Proxy) -> None:
-    """A 503 goes back to pending with an attempt counted; after max_attempts the file is parked as failed."""
+def claim_one(journal: Journal) -> FileRow:
+    (row,) = journal.claim(1)
+    return row
+
+
+def test_file_transient_errors_back_off_count_and_park(rig: dict[str, Any], r2_proxy: R2Proxy) -> None:
+    """An error of this file (BadDigest) goes back to pending with an attempt counted and a delay; after
+    max_attempts it is parked as failed with its class and message. The store stays 'up'."""
     journal: Journal = rig["journal"]
     queue(rig, "a.png", b"a")
-    r2_proxy.fail_all(status=503, code="ServiceUnavailable")
-    (row,) = journal.claim(1)
-    assert rig["uploader"].process(row) == "retry"
-    assert journal.get(b"a.png").attempts == 1 and journal.get(b"a.png").state == "pending"
-    for attempts in (1, 2):
-        row = journal.get(b"a.png")
-        rig["uploader"].process(row.__class__(**{**_fields(row), "attempts": attempts}))
-    assert journal.get(b"a.png").state == "failed"
-    assert "ServiceUnavailable" in (journal.get(b"a.png").last_error or "")
+    r2_proxy.fail_all(status=400, code="BadDigest")
+    assert rig["uploader"].process(claim_one(journal)) == "retry"
+    row = journal.get(b"a.png")
+    assert (row.state, row.attempts, row.error_class) == ("pending", 1, "BadDigest") and journal.next_due_in() > 0.4
+    for _ in range(2):
+        journal._db.execute("UPDATE files SET next_attempt_at = 0")
+        rig["uploader"].process(claim_one(journal))
+    row = journal.get(b"a.png")
+    assert (row.state, row.attempts, row.error_class) == ("failed", 3, "BadDigest")
     registry: CollectorRegistry = rig["registry"]
     assert registry.get_sample_value("sidecar_uploads_total", {"outcome": "failed"}) == 1
-    assert registry.get_sample_value("sidecar_upload_retries_total", {"error_class": "ServiceUnavailable"}) >= 1
+    assert registry.get_sample_value("sidecar_upload_retries_total", {"error_class": "BadDigest"}) >= 2
+    assert rig["health"].state == "up"
 
 
-def _fields(row: Any) -> dict[str, Any]:
-    return {name: getattr(row, name) for name in row.__slots__}
+def test_outage_pauses_without_counting_and_resumes_when_the_store_answers(
+        rig: dict[str, Any], r2_proxy: R2Proxy) -> None:
+    """5xx from the store: the file is paused (pending, due now, no attempt counted), the store is 'down'
+    and nothing is claimed; the first answer to the probe makes it 'up' and the file claimable."""
+    journal: Journal = rig["journal"]
+    uploader: Uploader = rig["uploader"]
+    queue(rig, "a.png", b"a")
+    r2_proxy.fail_all(status=503, code="ServiceUnavailable")
+    assert uploader.process(claim_one(journal)) == "paused"
+    row = journal.get(b"a.png")
+    assert (row.state, row.attempts, row.error_class) == ("pending", 0, "ServiceUnavailable")
+    assert rig["health"].state == "down" and uploader.run_once() == 0 and journal.stats()["pending"][0] == 1
+    r2_proxy.heal()
+    rig["store"].check()  # what StoreProbe sends
+    assert rig["health"].state == "up" and uploader.run_once() == 1
+
+
+def test_probe_ends_an_outage_within_its_interval(rig: dict[str, Any], r2_proxy: R2Proxy) -> None:
+    """StoreProbe asks while the store is down and stops asking once it answers."""
+    import threading  # noqa: PLC0415
+
+    health: StoreHealth = rig["health"]
+    stop = threading.Event()
+    probe = StoreProbe(health, rig["store"].check, stop, every_s=0.05)
+    r2_proxy.down()
+    health.judge(TransientStoreError("connection failed", operation="PutObject", code="ConnectionError",
+                                     scope="bucket"))
+    thread = threading.Thread(target=probe.run, daemon=True)
+    thread.start()
+    try:
+        from support.waiting import wait_until  # noqa: PLC0415
+
+        wait_until(lambda: probe.probes >= 2, timeout=10, message="the probe did not ask")
+        r2_proxy.up()
+        wait_until(lambda: health.state == "up", timeout=10, message="the probe did not see the store back")
+        asked = probe.probes
+        stop.wait(0.3)
+        assert probe.probes == asked  # silent while the store is up
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_bucket_wide_refusal_pauses_everything_and_parks_nothing(rig: dict[str, Any], r2_proxy: R2Proxy) -> None:
+    """AccessDenied everywhere (HeadBucket too): the store is 'broken', the file waits uncounted, nothing is
+    claimed. An AccessDenied on one key only (HeadBucket fine) parks that file and leaves the store 'up'."""
+    journal: Journal = rig["journal"]
+    uploader: Uploader = rig["uploader"]
+    queue(rig, "a.png", b"a")
+    r2_proxy.fail_all(status=403, code="AccessDenied")
+    assert uploader.process(claim_one(journal)) == "paused"
+    assert rig["health"].state == "broken" and journal.get(b"a.png").attempts == 0 and uploader.run_once() == 0
+    r2_proxy.heal()
+    rig["store"].check()
+    rig["health"].observe("HeadBucket", "200")
+    assert rig["health"].state == "up"
+    r2_proxy.fail_all(status=403, code="AccessDenied", when=lambda r: r.key == "p/a.png")
+    assert uploader.process(claim_one(journal)) == "failed"
+    assert rig["health"].state == "up" and journal.get(b"a.png").error_class == "AccessDenied"
+
+
+def test_no_credentials_pause_instead_of_stranding(tmp_path: Path, r2_proxy: R2Proxy, bucket: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """No credentials at all: not a crash that leaves the row 'uploading' but a bucket-scope NoCredentials:
+    the store is 'broken' with a hint, the row pending with its error."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(r2_proxy.ca_bundle))
+    settings = load_settings(bucket=bucket, endpoint_url=r2_proxy.endpoint, region="us-east-1")
+    health = StoreHealth()
+    store = S3Store(make_client(settings), bucket, observer=health.observe)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    (tmp_path / "a.png").write_bytes(b"a")
+    st = (tmp_path / "a.png").stat()
+    journal.record([Candidate(b"a.png", st.st_size, st.st_mtime_ns, "close", st.st_ino, st.st_ctime_ns)])
+
+    def factory(retry: Any, progress: Any) -> Transfer:
+        return Transfer(store, tmp_path, KeyBuilder("p/{relpath}", "p"), multipart_threshold=5 * MIB,
+                        part_size=5 * MIB, retry=retry, ledger=journal)
+
+    uploader = Uploader(journal, factory, workers=1, policy=POLICY, metrics=Metrics(CollectorRegistry()),
+                        health=health)
+    assert uploader.process(claim_one(journal)) == "paused"
+    row = journal.get(b"a.png")
+    assert (row.state, row.error_class) == ("pending", "NoCredentials")
+    assert health.state == "broken" and "SIDECAR_ACCESS_KEY_ID" in health.hint
+
+
+class Raising:
+    """A transfer that raises what it is given (to prove the uploader's outcome for each kind)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def run(self, row: FileRow) -> Result:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "error_class"),
+    [(AttributeError("'NoneType' object has no attribute 'x'"), "AttributeError"),
+     (OSError(errno.EIO, os.strerror(errno.EIO)), f"unreadable/{os.strerror(errno.EIO)}"),
+     (OSError(errno.ESTALE, os.strerror(errno.ESTALE)), f"unreadable/{os.strerror(errno.ESTALE)}"),
+     (FileChanged("a.png"), "FileChanged")],
+    ids=["bug", "EIO", "ESTALE", "changing"],
+)
+def test_every_exception_becomes_a_counted_backed_off_retry(rig: dict[str, Any], exc: BaseException,
+                                                            error_class: str) -> None:
+    """A bug, a transient OS error (with its strerror) or a file that keeps changing: pending, one attempt
+    counted, due later, the class in the journal -- never stranded 'uploading', never parked at once."""
+    journal: Journal = rig["journal"]
+    queue(rig, "a.png", b"a")
+    rig["uploader"]._transfer = Raising(exc)
+    assert rig["uploader"].process(claim_one(journal)) == "retry"
+    row = journal.get(b"a.png")
+    assert (row.state, row.attempts, row.error_class) == ("pending", 1, error_class)
+    assert journal.next_due_in() > 0
+
+
+def test_permanent_os_error_is_parked_with_its_strerror(rig: dict[str, Any]) -> None:
+    """EACCES cannot pass by waiting: failed at once, the strerror kept."""
+    journal: Journal = rig["journal"]
+    queue(rig, "a.png", b"a")
+    rig["uploader"]._transfer = Raising(OSError(errno.EACCES, os.strerror(errno.EACCES)))
+    assert rig["uploader"].process(claim_one(journal)) == "failed"
+    row = journal.get(b"a.png")
+    assert row.state == "failed" and os.strerror(errno.EACCES) in (row.last_error or "")
 
 
 def test_multipart_failure_leaves_no_progress_behind(rig: dict[str, Any], r2_proxy: R2Proxy, s3_server: S3Server,
@@ -111,4 +241,4 @@ def test_multipart_failure_leaves_no_progress_behind(rig: dict[str, Any], r2_pro
     assert rig["uploader"].process(row) == "failed"
     assert rig["registry"].get_sample_value("sidecar_upload_in_progress_bytes") == 0
     assert s3_server.direct.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-    assert rig["journal"].orphaned_multipart() == []
+    assert rig["journal"].orphans() == [] and rig["journal"].get(b"big.mp4").upload_id is None
