@@ -108,26 +108,21 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(_: argparse.Namespace) -> int:
     from prometheus_client import disable_created_metrics  # noqa: PLC0415
 
+    from sidecar.daemon import build_daemon  # noqa: PLC0415 - keeps `sidecar config` light
+
     # The *_created series double the exposition and tell operators nothing.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     settings = _settings()
-    daemon = _build(settings)
+    daemon = build_daemon(settings)
     return run_until_signalled(daemon, settings.drain_timeout_s)
 
 
-def _build(settings: Settings) -> Daemon:
-    from sidecar.daemon import Daemon  # noqa: PLC0415 - keeps `sidecar config` light
-    from sidecar.http import HttpServer  # noqa: PLC0415
-
-    daemon = Daemon(settings)
-    token = settings.http_token.get_secret_value() if settings.http_token else None
-    daemon.http = HttpServer(settings.http_host, settings.http_port, daemon.registry, token=token,
-                             health=daemon.health, ready=daemon.ready, status=daemon.status)
-    return daemon
-
-
 def run_until_signalled(daemon: Daemon, drain_timeout_s: float) -> int:
-    """Start ``daemon``; on the first SIGTERM/SIGINT drain within the budget and exit 0; a second exits now."""
+    """Start ``daemon``; on the first SIGTERM/SIGINT drain within the budget and exit 0; a second exits now.
+
+    If the daemon cannot go on (its journal was deleted or replaced), it drains the same way and exits 1,
+    so that supervisord restarts it on a fresh journal.
+    """
     stop = threading.Event()
     received: list[float] = []
 
@@ -142,13 +137,17 @@ def run_until_signalled(daemon: Daemon, drain_timeout_s: float) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGIO, signal.SIG_IGN)  # lease breaks (see localfile.writer_holds) must not kill us
     daemon.start()
-    while not stop.wait(timeout=3600):
-        pass
+    while not stop.wait(timeout=1.0):
+        if daemon.fatal.is_set():
+            received.append(time.monotonic())
+            break
     daemon.stop(deadline=received[0] + drain_timeout_s)
     daemon.close()
     sys.stdout.flush()
+    if daemon.fatal.is_set():
+        print(f"sidecar: {daemon.fatal_reason}; exiting so that a restart rebuilds it", file=sys.stderr)
     # Worker threads still cut off by the deadline are daemon threads; leave without waiting for them.
-    os._exit(EXIT_OK)
+    os._exit(EXIT_FAILURE if daemon.fatal.is_set() else EXIT_OK)
 
 
 def cmd_scan(_: argparse.Namespace) -> int:
@@ -156,10 +155,11 @@ def cmd_scan(_: argparse.Namespace) -> int:
     from sidecar.journal import FAILED, PENDING, UPLOADED, UPLOADING  # noqa: PLC0415
 
     settings = _settings()
-    daemon = Daemon(settings)
+    daemon = Daemon(settings)  # takes the state lock: beside a running daemon this exits 2, touching nothing
     daemon.start(watch=False)
+    blocked = ""
     try:
-        while not _scan_finished(daemon):
+        while not _scan_finished(daemon) and not (blocked := _store_blocks(daemon)):
             time.sleep(0.05)
         stats = daemon.journal.stats()
     finally:
@@ -168,7 +168,21 @@ def cmd_scan(_: argparse.Namespace) -> int:
     pending = stats[PENDING][0] + stats[UPLOADING][0]
     summary = {"uploaded": stats[UPLOADED][0], "pending": pending, "failed": stats[FAILED][0]}
     print(json.dumps(summary))
+    if blocked:
+        _fail(blocked, EXIT_FAILURE)
     return EXIT_FAILURE if summary["failed"] or pending else EXIT_OK
+
+
+SCAN_OUTAGE_LIMIT_S = 60.0
+
+
+def _store_blocks(daemon: Daemon) -> str:
+    """Why a one-shot scan cannot finish now: the store is unusable, or down for over a minute ('' if not)."""
+    store = daemon.health.snapshot()
+    if store["state"] == "broken" or (store["state"] == "down" and store.get("since_s", 0) > SCAN_OUTAGE_LIMIT_S):
+        hint = f" (hint: {store['hint']})" if store.get("hint") else ""
+        return f"the store is {store['state']}: {store['problem']}{hint}; files stay pending"
+    return ""
 
 
 def _scan_finished(daemon: Daemon) -> bool:
@@ -179,7 +193,7 @@ def _scan_finished(daemon: Daemon) -> bool:
     """
     from sidecar.journal import UPLOADING  # noqa: PLC0415
 
-    if not daemon.last_scan or len(daemon.settler) or daemon.uploader.inflight():
+    if not daemon.maintenance.last_scan or len(daemon.settler) or daemon.uploader.inflight():
         return False
     due = daemon.journal.next_due_in()
     return daemon.journal.stats()[UPLOADING][0] == 0 and (due is None or due > 0)
@@ -188,6 +202,8 @@ def _scan_finished(daemon: Daemon) -> bool:
 def cmd_retry_failed(_: argparse.Namespace) -> int:
     from sidecar.journal import Journal  # noqa: PLC0415
 
+    # No state lock: rewriting rows is safe beside a running daemon (SQLite serialises the writers), which
+    # claims the requeued rows within a second.
     settings = load_settings()
     journal = Journal(settings.journal_path)
     try:

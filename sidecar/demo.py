@@ -68,7 +68,7 @@ def run_demo(folder: str, *, once: bool) -> int:
     """Run the demo; returns the exit status."""
     import boto3  # noqa: PLC0415
 
-    from sidecar.cli import _build  # noqa: PLC0415
+    from sidecar.daemon import build_daemon  # noqa: PLC0415
 
     base = Path(folder).resolve()
     for part in ("outputs", "state"):  # the S3 server starts empty, so the demo starts from scratch too
@@ -87,7 +87,7 @@ def run_demo(folder: str, *, once: bool) -> int:
     )
     configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
-    daemon = _build(settings)
+    daemon = build_daemon(settings)
     daemon.start()
     print(f"demo: S3 server {endpoint}, bucket {BUCKET!r}")
     print(f"demo: watching {settings.watch_dir}  (metrics: http://127.0.0.1:{daemon.http.port}/metrics)")
