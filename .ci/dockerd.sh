@@ -4,6 +4,7 @@
 #
 #   .ci/dockerd.sh start   start it (no-op if ours already runs); prints the DOCKER_HOST to use
 #   .ci/dockerd.sh stop    stop the one we started
+#   .ci/dockerd.sh running exit 0 if ours runs (a zombie does not count)
 set -euo pipefail
 
 run_dir=${SIDECAR_CI_DOCKER_RUN:-/run/sidecar-ci-docker}
@@ -52,6 +53,9 @@ case "${1:-}" in
     fi
     echo "unix://$sock"
     ;;
+  running)
+    ours_running
+    ;;
   stop)
     if ours_running; then
       pid=$(cat "$pidfile")
@@ -61,7 +65,7 @@ case "${1:-}" in
     fi
     ;;
   *)
-    echo "usage: $0 start|stop" >&2
+    echo "usage: $0 start|stop|running" >&2
     exit 2
     ;;
 esac

@@ -48,7 +48,7 @@ def test_scan_exits_1_on_failures_and_retry_failed_requeues(tmp_path: Path, r2_p
                       pod_id="pod")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "a.png").write_bytes(b"a" * 100)
-    r2_proxy.fail_all(status=403, code="AccessDenied")
+    r2_proxy.fail_all(status=403, code="AccessDenied", when=lambda r: r.operation == "PutObject")
     failed = sidecar(env, "scan")
     assert failed.returncode == 1
     assert json.loads(failed.stdout.strip().splitlines()[-1])["failed"] == 1
@@ -59,6 +59,24 @@ def test_scan_exits_1_on_failures_and_retry_failed_requeues(tmp_path: Path, r2_p
     assert sidecar(env, "scan").returncode == 1  # still parked: a rescan does not silently retry
     requeued = sidecar(env, "retry-failed")
     assert requeued.returncode == 0 and "requeued 1" in requeued.stdout
+    assert sidecar(env, "scan").returncode == 0
+    assert s3_server.objects(bucket) == {"pod/a.png": b"a" * 100}
+
+
+def test_scan_against_an_unusable_bucket_parks_nothing_and_says_why(
+        tmp_path: Path, r2_proxy: R2Proxy, s3_server: S3Server, bucket: str) -> None:
+    """Credentials refused everywhere (HeadBucket too): scan exits 1 with the file still pending (not
+    parked) and one line on stderr naming the problem; fixed, a plain scan uploads it."""
+    env = sidecar_env(tmp_path, r2_proxy.endpoint, bucket, ca_bundle=r2_proxy.ca_bundle, settle_s=0.05,
+                      pod_id="pod")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.png").write_bytes(b"a" * 100)
+    r2_proxy.fail_all(status=403, code="AccessDenied")
+    refused = sidecar(env, "scan")
+    assert refused.returncode == 1, refused.stderr
+    assert json.loads(refused.stdout.strip().splitlines()[-1]) == {"uploaded": 0, "pending": 1, "failed": 0}
+    assert "AccessDenied" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    r2_proxy.heal()
     assert sidecar(env, "scan").returncode == 0
     assert s3_server.objects(bucket) == {"pod/a.png": b"a" * 100}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import shutil
 import signal
 import threading
@@ -168,7 +169,8 @@ def test_kill_9_during_a_burst_then_restart_loses_and_corrupts_nothing(world: Wo
 
 
 def test_store_outage_keeps_files_pending_and_uploads_them_when_it_returns(world: World) -> None:
-    """With S3 unreachable files wait in the journal as pending; once it is back they upload, no restart."""
+    """With S3 unreachable files wait in the journal as pending -- claimed once, paused, no attempt counted,
+    no further claims while the probe gets no answer; once it is back they upload, no restart."""
     daemon = world.start(retry_base_s=0.1, retry_cap_s=0.4)
     rng = random.Random(4)
     warm = world.remember("warm.png", payload(rng))
@@ -181,16 +183,25 @@ def test_store_outage_keeps_files_pending_and_uploads_them_when_it_returns(world
     for rel in during:
         write_at_once(world.path(rel), world.written[rel])
 
-    def kept_trying() -> bool:  # several rounds of retries from the journal, not only botocore/tenacity blips
+    def paused() -> bool:
         rows = world.journal()
-        tried = [rows[rel] for rel in during if rel in rows and rows[rel].last_error]
-        rounds = [e for e in daemon.events("upload_retry_scheduled") if e.get("layer") == "journal"]
-        return len(rounds) >= 5 and len(tried) >= 2
+        known = [rows[rel] for rel in during if rel in rows]
+        tried = [row for row in known if row.last_error]
+        return len(known) == 20 and len(tried) >= 1 and all(row.state == "pending" for row in known)
 
-    wait_until(kept_trying, timeout=20, message=daemon.output)
+    wait_until(paused, timeout=20, message=daemon.output)
+    def probes() -> float:  # refused connections never reach the proxy: count them at the daemon
+        found = re.search(r'sidecar_s3_requests_total\{operation="HeadBucket",status="error"\} (\S+)',
+                          world.metrics(daemon))
+        return float(found.group(1)) if found else 0.0
+
+    probes_before = probes()
+    wait_until(lambda: probes() >= probes_before + 2, timeout=10, message=daemon.output)  # about once a second
     rows = world.journal()
-    assert {rows[rel].state for rel in during} <= {"pending", "uploading"}  # a probe may be in flight
+    assert {rows[rel].state for rel in during} == {"pending"}
     assert {rows[rel].error_class for rel in during if rows[rel].last_error} == {"ConnectionError"}
+    assert {rows[rel].attempts for rel in during} == {0}
+    assert [e["level"] for e in daemon.events("store_unavailable")] == ["error"]
     assert world.bucket_keys() == {world.key(warm)}
 
     world.proxy.up()

@@ -420,7 +420,7 @@ def test_state_dir_and_journal_are_private_even_under_umask_000(rig: Rig) -> Non
     state = rig.base / "state" / "nested"
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [state.parent, state, *state.iterdir()]}
     assert modes == {"state": 0o700, "nested": 0o700, "journal.sqlite3": 0o600, "journal.sqlite3-wal": 0o600,
-                     "journal.sqlite3-shm": 0o600}, {k: oct(v) for k, v in modes.items()}
+                     "journal.sqlite3-shm": 0o600, "sidecar.lock": 0o600}, {k: oct(v) for k, v in modes.items()}
     assert stat.S_IMODE((rig.out / ".sidecar-canary").stat().st_mode) == 0o600
     assert daemon.terminate() == 0
 

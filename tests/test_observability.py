@@ -151,7 +151,7 @@ def test_metrics_count_a_known_workload_exactly(
         return sample(after, name, **labels) - sample(before, name, **labels)
 
     assert delta("sidecar_uploads_total", outcome="uploaded") == n
-    for outcome in ("existing", "unchanged", "retry", "failed", "skipped", "changed"):
+    for outcome in ("existing", "unchanged", "retry", "failed", "skipped", "paused"):
         assert delta("sidecar_uploads_total", outcome=outcome) == 0, outcome
     assert delta("sidecar_uploaded_bytes_total") == nbytes
     assert sample(after, "sidecar_s3_requests_total", operation="PutObject", status="200") == n
@@ -281,54 +281,52 @@ def test_healthz_is_503_while_the_root_cannot_be_watched(
 def test_readyz_follows_the_bucket_through_an_outage(
     start_sidecar: StartSidecar, r2_proxy: R2Proxy, s3_server: S3Server, bucket: str
 ) -> None:
-    """The store going away during an upload turns /readyz 503; it is 200 again after the next upload lands."""
-    sidecar = start_sidecar(retry_base_s=0.3, retry_cap_s=1)
+    """The store going away during an upload turns /readyz 503 with the reason; the file waits paused (no
+    attempt counted); /readyz is 200 again and the file lands once the store answers."""
+    sidecar = start_sidecar()
     assert sidecar.get("/readyz")[0] == 200
     r2_proxy.down()
     sidecar.write("outage.png", b"uploaded once the store is back")
     body = wait_until(sidecar.answers("/readyz", 503), message=sidecar.proc.output)
     assert body["store"] is False
-    assert body["store_problem"] == "PutObject answered error"
-    assert sidecar.json("/status")[1]["store"]["reachable"] is False
+    assert "PutObject" in body["store_problem"] and "ConnectionError" in body["store_problem"]
+    store = sidecar.json("/status")[1]["store"]
+    assert (store["reachable"], store["state"]) == (False, "down")
     assert sidecar.get("/healthz")[0] == 200, "an unreachable store is not a liveness problem"
-    wait_until(lambda: len([e for e in sidecar.proc.events("upload_retry_scheduled") if e["layer"] == "journal"]) >= 2,
-               message=sidecar.proc.output)
     assert sample(sidecar.metrics(), "sidecar_store_reachable") == 0
+    assert sample(sidecar.metrics(), "sidecar_store_state", state="down") == 1
 
     r2_proxy.up()
     wait_until(lambda: sidecar.get("/readyz")[0] == 200, message=sidecar.proc.output)
     wait_until(lambda: sidecar.proc.events("upload_succeeded"), message=sidecar.proc.output)
     assert [k.rsplit("/", 1)[-1] for k in s3_server.keys(bucket)] == ["outage.png"]
-    # Every failed attempt has its retry line; the error summary was logged once and recovery once.
+    # The outage was logged once at error, and its end once, with how long it lasted.
     (unavailable,) = sidecar.proc.events("store_unavailable")
-    assert unavailable["level"] == "error" and unavailable["error_class"] == "ConnectionError"
+    assert unavailable["level"] == "error" and "ConnectionError" in unavailable["problem"]
     (recovered,) = wait_until(lambda: sidecar.proc.events("store_recovered"))
-    assert recovered["errors"] >= 2 and recovered["suppressed"] >= 1 and recovered["outage_s"] > 0
+    assert recovered["was"] == "down" and recovered["failed_requests"] >= 1 and recovered["outage_s"] > 0
+    assert sidecar.proc.events("upload_succeeded")[0]["attempt"] == 1  # the paused attempt was not counted
 
 
 def test_readyz_recovers_while_idle_by_probing_only_while_down(
     start_sidecar: StartSidecar, r2_proxy: R2Proxy, s3_server: S3Server, bucket: str
 ) -> None:
-    """With nothing left to upload, a HeadBucket probe (sent only while the store is down) restores /readyz."""
-    sidecar = start_sidecar(max_attempts=1)
+    """A healthy idle daemon sends nothing; while the store is down a HeadBucket probe asks; its first answer
+    restores /readyz and the waiting file uploads without an operator; then the probing stops."""
+    sidecar = start_sidecar()
     assert sidecar.get("/readyz")[0] == 200
     assert r2_proxy.requests == [], "a healthy idle daemon sends no requests"
     r2_proxy.down()
-    sidecar.write("parked.png", b"parked as failed during the outage")
-    wait_until(lambda: sidecar.proc.events("upload_failed"), message=sidecar.proc.output)
-    assert sidecar.get("/readyz")[0] == 503
+    sidecar.write("waiting.png", b"waits during the outage")
+    wait_until(sidecar.answers("/readyz", 503), message=sidecar.proc.output)
 
     r2_proxy.up()
     wait_until(lambda: sidecar.get("/readyz")[0] == 200, timeout=20, message=sidecar.proc.output)
-    assert [(r.operation, r.status) for r in r2_proxy.requests] == [("HeadBucket", 200)]
-    assert sidecar.proc.events("store_probe_succeeded")
-
-    # The operator's fix for parked files: `sidecar retry-failed`, while the daemon runs.
-    code, out, err = sidecar.cli("retry-failed")
-    assert (code, out.strip(), err) == (0, "requeued 1 failed file(s)", "")
     wait_until(lambda: sidecar.proc.events("upload_succeeded"), message=sidecar.proc.output)
-    assert [k.rsplit("/", 1)[-1] for k in s3_server.keys(bucket)] == ["parked.png"]
+    assert [k.rsplit("/", 1)[-1] for k in s3_server.keys(bucket)] == ["waiting.png"]
+    assert [(r.operation, r.status) for r in r2_proxy.requests] == [("HeadBucket", 200), ("PutObject", 200)]
     assert sidecar.json("/status")[1]["recent_failures"] == []
+    wait_until(lambda: sidecar.get("/readyz")[0] == 200)
     assert [r.operation for r in r2_proxy.requests].count("HeadBucket") == 1, "probing stopped once it answered"
 
 

@@ -60,8 +60,9 @@ def secret_env(tmp_path: Path, r2_proxy: R2Proxy, bucket: str) -> dict[str, str]
 def test_a_full_run_never_shows_a_secret(secret_env: dict[str, str], r2_proxy: R2Proxy, tmp_path: Path) -> None:
     """Uploads, a failure quoting the key id, /status, /metrics, status, config and check never show a secret."""
     outputs = Outputs()
-    # The store's error message repeats the access key id, as S3's InvalidAccessKeyId does.
-    r2_proxy.fail_next(1, status=403, code="InvalidAccessKeyId",
+    # The store's error message repeats the access key id, as S3's InvalidAccessKeyId does; an object-scope
+    # AccessDenied (HeadBucket still works) parks this one file with that message.
+    r2_proxy.fail_next(1, status=403, code="AccessDenied",
                        message=f"The AWS Access Key Id {KEY_ID} you provided does not exist in our records.",
                        when=lambda r: (r.key or "").endswith("rejected.png"))
     with DaemonProcess(secret_env, log_dir=tmp_path / "run") as daemon:
@@ -100,7 +101,7 @@ def test_a_full_run_never_shows_a_secret(secret_env: dict[str, str], r2_proxy: R
 
     (failed,) = [line for line in map(json.loads, daemon.raw_stdout().splitlines())
                  if line["event"] == "upload_failed"]
-    assert failed["error_class"] == "InvalidAccessKeyId" and "**********" in failed["error"]
+    assert failed["error_class"] == "AccessDenied" and "**********" in failed["error"]
     state = Path(secret_env["SIDECAR_STATE_DIR"])
     for state_file in sorted(state.iterdir()):
         outputs.add(f"state file {state_file.name}", state_file.read_bytes())

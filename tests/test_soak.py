@@ -42,7 +42,7 @@ def test_kill_9_soak(rig: Rig) -> None:
 def test_outage_of_minutes_soak(rig: Rig) -> None:
     """The store down for minutes under a steady stream: no file fails or is lost, backoff stays capped, the
     log stays readable, and everything uploads once when it returns."""
-    tally = outage_under_stream(rig, outage_files=SOAK_OUTAGE_FILES, min_retries=20, every_s=0.2,
+    tally = outage_under_stream(rig, outage_files=SOAK_OUTAGE_FILES, min_probes=20, every_s=0.2,
                                 retry_cap_s=5.0, scenario=f"S3 outage of minutes ({SOAK_OUTAGE_FILES} files written "
                                 "while down)")
     assert tally.extra["log_lines"] < 20 * tally.files_written  # rate-limited, not a line per retry per second

@@ -34,6 +34,8 @@ import pytest
 from support.s3server import DUMMY_KEY_ID, DUMMY_SECRET, REGION, S3Server, free_port
 from support.waiting import wait_until
 
+from sidecar.keys import path_text
+
 REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINT = REPO / "entrypoint.sh"
 CONF = REPO / "supervisord.conf"
@@ -273,7 +275,7 @@ def written_files(stack: Stack) -> dict[str, bytes]:
     done = Path(stack.env["FAKE_COMFYUI_DONE"])
     wait_until(done.exists, START_TIMEOUT, POLL, stack.logs)
     relpaths = json.loads(done.read_text())
-    return {f"{POD_ID}/{rel}": (stack.watch_dir / rel).read_bytes() for rel in relpaths}
+    return {f"{POD_ID}/{path_text(rel.encode())}": (stack.watch_dir / rel).read_bytes() for rel in relpaths}
 
 
 def assert_bucket_holds(s3: S3Server, bucket: str, expected: dict[str, bytes], stack: Stack) -> None:

@@ -15,12 +15,15 @@ import shutil
 import sqlite3
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sidecar.keys import path_text
 
 from .daemon import DaemonProcess, sidecar_env
 from .proxy import R2Proxy, RecordedRequest
@@ -226,8 +229,9 @@ class World:
 
     @staticmethod
     def key(rel: str) -> str:
-        """The object key of ``rel`` under the default template ``{pod_id}/{relpath}``."""
-        return f"{POD_ID}/{rel}"
+        """The object key of ``rel`` under the default template ``{pod_id}/{relpath}`` (``{relpath}`` is the
+        escaped path text: control bytes, invalid UTF-8 and ``%`` as ``%XX``)."""
+        return f"{POD_ID}/{path_text(os.fsencode(rel))}"
 
     def expected(self, rels: Iterable[str] | None = None) -> dict[str, bytes]:
         """``{key: final bytes}`` of the given (default: all written) files."""
@@ -275,6 +279,23 @@ class World:
         with _OPENER.open(f"http://127.0.0.1:{port}/status", timeout=5) as resp:
             data: dict[str, Any] = json.load(resp)
         return data
+
+    def _url(self, proc: DaemonProcess, path: str) -> str:
+        started = wait_until(lambda: proc.events("http_started"), timeout=10, message=proc.output)
+        return f"http://127.0.0.1:{started[0]['port']}{path}"
+
+    def metrics(self, proc: DaemonProcess) -> str:
+        """The running daemon's ``/metrics`` exposition."""
+        with _OPENER.open(self._url(proc, "/metrics"), timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def ready(self, proc: DaemonProcess) -> int:
+        """The HTTP status of the running daemon's ``/readyz``."""
+        try:
+            with _OPENER.open(self._url(proc, "/readyz"), timeout=5) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
 
     def wait_idle(self, proc: DaemonProcess, timeout: float = 30) -> dict[str, Any]:
         """Wait until nothing is settling, pending, uploading or in flight; returns that /status."""

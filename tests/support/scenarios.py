@@ -75,11 +75,12 @@ class Stream:
         self._thread.join(timeout=10)
 
 
-def outage_under_stream(rig: Rig, *, outage_files: int, min_retries: int, scenario: str, every_s: float = 0.04,
+def outage_under_stream(rig: Rig, *, outage_files: int, min_probes: int, scenario: str, every_s: float = 0.04,
                         **settings: str | float) -> Tally:
     """The store goes down under a steady stream of new files until ``outage_files`` were written during the
-    outage and the journal layer retried at least ``min_retries`` times; then it comes back. Everything waits
-    as pending (visible in metrics), then uploads once."""
+    outage and the store probe asked at least ``min_probes`` times; then it comes back. The files claimed at
+    the cut are paused (no attempt counted), nothing more is claimed, everything waits as pending (visible
+    in metrics), then uploads once."""
     assert rig.proxy is not None
     proxy = rig.proxy
     daemon = rig.start(**settings)
@@ -89,12 +90,16 @@ def outage_under_stream(rig: Rig, *, outage_files: int, min_retries: int, scenar
         before = len(stream.written)
 
         def outage_seen() -> bool:
-            retries = [e for e in daemon.events("upload_retry_scheduled") if e.get("layer") == "journal"]
-            return len(retries) >= min_retries and len(stream.written) >= before + outage_files
+            paused = [e for e in daemon.events("upload_retry_scheduled") if e.get("layer") == "pause"]
+            probes = metric(scrape(daemon), "sidecar_s3_requests_total", operation="HeadBucket", status="error")
+            return bool(paused) and probes >= min_probes and len(stream.written) >= before + outage_files
 
         wait_until(outage_seen, timeout=60 + outage_files * every_s * 3, interval=0.2, message=rig.output)
         samples = scrape(daemon)
         assert metric(samples, "sidecar_store_reachable") == 0
+        assert metric(samples, "sidecar_store_state", state="down") == 1
+        assert metric(samples, "sidecar_uploads_total", outcome="retry") == 0  # the store's fault, not the files'
+        assert {row.attempts for row in rig.journal().values()} == {0}
         assert metric(samples, "sidecar_upload_retries_total", error_class="ConnectionError") > 0
         assert metric(samples, "sidecar_queue_files", state="pending") > 0
         assert metric(samples, "sidecar_uploads_total", outcome="failed") == 0
@@ -114,7 +119,8 @@ def outage_under_stream(rig: Rig, *, outage_files: int, min_retries: int, scenar
     refused = [r for r in proxy.puts() if r.status == 412]
     assert tally.duplicate_puts == len(refused) <= int(rig.env.get("SIDECAR_WORKERS", "4"))
     assert tally.variant_objects == 0
-    assert tally.errors_reported >= min_retries
+    assert tally.errors_reported >= 1
+    assert [e["level"] for e in daemon.events("store_unavailable")] == ["error"]
     return tally
 
 
