@@ -22,6 +22,7 @@ from sidecar.journal import Journal
 from sidecar.keys import path_text
 from sidecar.logs import RateLimitedLog
 from sidecar.metrics import Metrics
+from sidecar.mounts import mounts_under
 from sidecar.scanner import Scanner
 from sidecar.settle import Settler
 from sidecar.store import ObjectStore
@@ -41,7 +42,7 @@ class Maintenance:
     def __init__(
         self, *, root: Path, state_dir: Path, scan_interval_s: float, scanner: Scanner, watcher: Watcher,
         canary: Canary, settler: Settler, journal: Journal, store: ObjectStore, health: StoreHealth,
-        metrics: Metrics, on_journal_lost: Callable[[str], None],
+        metrics: Metrics, on_journal_lost: Callable[[str], None], on_events_lost: Callable[[], None],
     ) -> None:
         self._root, self._state_dir = root, state_dir
         self._interval_s = scan_interval_s
@@ -49,6 +50,7 @@ class Maintenance:
         self._settler, self._journal, self._store, self._health = settler, journal, store, health
         self._metrics = metrics
         self._on_journal_lost = on_journal_lost
+        self._on_events_lost = on_events_lost
         self._wanted = threading.Event()
         self._lock = threading.Lock()
         self._dirs: set[bytes] = set()
@@ -59,6 +61,7 @@ class Maintenance:
         self.last_scan: dict[str, Any] = {}
         self.writer_check: WriterCheck | None = None
         self.journal_problem: str | None = None
+        self._mounts: frozenset[bytes] | None = mounts_under(root)
 
     # -- requests from other threads --------------------------------------------------------------------
 
@@ -77,6 +80,7 @@ class Maintenance:
     def on_overflow(self) -> None:
         self._metrics.watcher_overflows.inc()
         log.warning("watcher_overflow", action="full_rescan")
+        self._on_events_lost()
         self.request_scan("overflow")
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -93,8 +97,8 @@ class Maintenance:
         self._wanted.set()
 
     def run_once(self) -> None:
-        for step in (self._scans, self._check_watcher, self._check_watch_coverage, self._check_journal,
-                     self._abort_orphans):
+        for step in (self._scans, self._check_watcher, self._check_watch_coverage, self._check_mounts,
+                     self._check_journal, self._abort_orphans):
             try:
                 step()
             except SidecarError:
@@ -155,9 +159,22 @@ class Maintenance:
         log.warning("watcher_degraded", reason=self.watcher.degraded_reason, mode="polling", hint=LIMIT_HINT)
         self.restart_watcher("watch_limit")
 
+    def _check_mounts(self) -> None:
+        """A filesystem mounted (or unmounted) below the root since the watch was set: watch it, rescan."""
+        if self.watcher.mode != "inotify":
+            return  # polling stats paths, and sees through mounts by itself
+        found = mounts_under(self._root)
+        if found is None or found == self._mounts:
+            return
+        before, self._mounts = self._mounts or frozenset(), found
+        log.warning("mounts_changed", added=sorted(path_text(m) for m in found - before),
+                    removed=sorted(path_text(m) for m in before - found), action="rebuilding the watcher")
+        self.restart_watcher("mount_changed")
+
     def restart_watcher(self, reason: str) -> None:
         """Rebuild the observer, re-arm the canary and rescan; a root that cannot be watched stays deaf."""
         self._metrics.watcher_restarts.labels(reason=reason).inc()
+        self._on_events_lost()
         try:
             self.watcher.restart()
             self.canary.arm()  # after the new watch exists, or its event can never come back

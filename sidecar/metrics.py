@@ -20,7 +20,7 @@ OUTCOMES = ("uploaded", "existing", "unchanged", "retry", "paused", "failed", "s
 STORE_STATES = ("up", "down", "broken", "unknown")
 JOURNAL_PROBLEMS = ("rebuilt", "deleted", "replaced", "commit_failed")
 # Canary verdicts (sidecar.health) plus the daemon's fallback to polling when the watch limit skipped a folder.
-WATCHER_RESTART_REASONS = (*REASONS, "watch_limit")
+WATCHER_RESTART_REASONS = (*REASONS, "watch_limit", "mount_changed")
 SIZE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 
 

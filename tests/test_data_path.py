@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.container import report
 from support.e2e import World
 from support.proxy import R2Proxy
 from support.s3server import S3Server
@@ -116,9 +118,9 @@ def test_outage_first_upload_within_two_seconds_of_the_store_answering(world: Wo
     world.wait_in_bucket(list(world.written), proc, timeout=30)
     (recovered,) = proc.events("store_recovered")
     outage_s = back - outage_started
-    print(f"\noutage: first upload {first_upload_s:.2f} s after the store answered again; "
-          f"store_recovered outage_s={recovered['outage_s']} (observed >= {outage_s:.1f} s); "
-          f"CPU while paused {idle_cpu * 1000 / 3:.1f} ms/s")
+    report("outage", first_upload_after_store_back_s=round(first_upload_s, 2),
+           store_recovered_outage_s=recovered["outage_s"], observed_outage_s=round(outage_s, 2),
+           cpu_while_paused_ms_per_s=round(idle_cpu * 1000 / 3, 1), files=len(world.written))
     assert first_upload_s <= 2.0
     assert outage_s <= recovered["outage_s"] <= outage_s + 30
     assert idle_cpu < 0.3  # a busy loop burns a whole core: 3 s
@@ -195,3 +197,25 @@ def test_folder_moved_out_of_the_tree_keeps_its_files_visible_as_vanished(world:
     skipped = world.status(proc)["recent_skipped"]
     assert sorted(s["path"] for s in skipped) == [f"batch/{n}.png" for n in range(3)]
     assert {s["error_class"] for s in skipped} == {"vanished"} and world.objects() == {}
+
+
+def test_filesystem_mounted_over_a_subfolder_later_is_watched(world: World) -> None:
+    """A tmpfs mounted over a watched subfolder after the daemon started hides it from inotify; the daemon
+    notices the mount within a maintenance cycle, rebuilds the watcher and uploads what is written there,
+    instead of waiting for the periodic scan (300 s)."""
+    proc = world.start()
+    sub = world.out / "mnt"
+    sub.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "sidecar-test", str(sub)],
+                             capture_output=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        data = os.urandom(3000)
+        world.path(world.remember("mnt/ComfyUI_00001_.png", data)).write_bytes(data)
+        world.wait_in_bucket(["mnt/ComfyUI_00001_.png"], proc, timeout=20)
+        (event,) = proc.events("mounts_changed")
+        assert event["added"] == ["mnt"] and event["level"] == "warning"
+        assert world.objects() == world.expected()
+    finally:
+        subprocess.run(["umount", "-l", str(sub)], check=False)

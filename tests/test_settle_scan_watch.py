@@ -19,6 +19,7 @@ from sidecar.health import Canary
 from sidecar.intake import Intake
 from sidecar.journal import Candidate, Journal
 from sidecar.metrics import Metrics
+from sidecar.mounts import mounts_under
 from sidecar.scanner import Scanner
 from sidecar.settle import Settler
 from sidecar.watcher import Watcher
@@ -282,3 +283,20 @@ def test_intake_counts_one_skip_per_file_not_per_event(tmp_path: Path) -> None:
             intake.on_path(name, source)
     assert registry.get_sample_value("sidecar_files_skipped_total", {"reason": "extension"}) == 3
     assert len(settler) == 0
+
+
+def test_mounts_under_reads_escaped_mount_points(tmp_path: Path) -> None:
+    """Mount points below the root come back relative, with mountinfo's octal escapes undone; others not."""
+    root = tmp_path / "out"
+    root.mkdir()
+    base = os.fsencode(os.path.realpath(root))
+    info = tmp_path / "mountinfo"
+    info.write_bytes(b"\n".join([
+        b"22 1 0:21 / / rw - ext4 /dev/vda rw",
+        b"23 22 0:30 / " + base + b" rw - tmpfs t rw",
+        b"24 23 0:31 / " + base + rb"/a\040b rw - tmpfs t rw",
+        b"25 23 0:32 / " + base + b"/deep/er rw - tmpfs t rw",
+        b"26 22 0:33 / " + base + b"-sibling rw - tmpfs t rw",
+    ]))
+    assert mounts_under(root, str(info)) == {b"a b", b"deep/er"}
+    assert mounts_under(root, str(tmp_path / "missing")) is None
