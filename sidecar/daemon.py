@@ -105,7 +105,7 @@ class Daemon:
             root=self.root, state_dir=settings.state_dir, scan_interval_s=settings.scan_interval_s,
             scanner=self.scanner, watcher=self.watcher, canary=self.canary, settler=self.settler,
             journal=self.journal, store=self.store, health=self.health, metrics=self.metrics,
-            on_journal_lost=self._journal_lost, on_events_lost=self.intake.open_files.reset,
+            on_journal_lost=self._journal_lost,
         )
         self.views = Views(settings=settings, journal=self.journal, uploader=self.uploader, settler=self.settler,
                            watcher=self.watcher, canary=self.canary, maintenance=self.maintenance,

@@ -18,7 +18,6 @@ from sidecar.health import Canary
 from sidecar.journal import Candidate, Journal
 from sidecar.keys import path_text
 from sidecar.metrics import Metrics
-from sidecar.openfiles import OpenFiles
 from sidecar.settle import Settler
 
 log = structlog.get_logger("sidecar.intake")
@@ -43,7 +42,6 @@ class Intake:
         self._want_dir = want_dir
         self._lock = threading.Lock()
         self._skipped: OrderedDict[bytes, None] = OrderedDict()
-        self.open_files = OpenFiles()
 
     def on_path(self, rel: bytes, source: str) -> None:
         """A file was created, written, closed or moved in (or a scan found it): maybe a candidate."""
@@ -52,12 +50,7 @@ class Intake:
             return
         reason = self._filter.skip_reason(path_text(rel))
         if reason is None:
-            unheld = self.open_files.note(rel, source)
-            if source in ("open", "close_nowrite"):
-                return  # only the count cares (our own reads make these too)
-            self._settler.offer(rel, "unheld" if unheld else source)
-        elif source in ("open", "close_nowrite"):
-            return
+            self._settler.offer(rel, source)
         elif reason != "hidden" and self._first_skip(rel):
             self._metrics.files_skipped.labels(reason=reason).inc()
 

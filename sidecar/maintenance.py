@@ -42,7 +42,7 @@ class Maintenance:
     def __init__(
         self, *, root: Path, state_dir: Path, scan_interval_s: float, scanner: Scanner, watcher: Watcher,
         canary: Canary, settler: Settler, journal: Journal, store: ObjectStore, health: StoreHealth,
-        metrics: Metrics, on_journal_lost: Callable[[str], None], on_events_lost: Callable[[], None],
+        metrics: Metrics, on_journal_lost: Callable[[str], None],
     ) -> None:
         self._root, self._state_dir = root, state_dir
         self._interval_s = scan_interval_s
@@ -50,7 +50,6 @@ class Maintenance:
         self._settler, self._journal, self._store, self._health = settler, journal, store, health
         self._metrics = metrics
         self._on_journal_lost = on_journal_lost
-        self._on_events_lost = on_events_lost
         self._wanted = threading.Event()
         self._lock = threading.Lock()
         self._dirs: set[bytes] = set()
@@ -80,7 +79,6 @@ class Maintenance:
     def on_overflow(self) -> None:
         self._metrics.watcher_overflows.inc()
         log.warning("watcher_overflow", action="full_rescan")
-        self._on_events_lost()
         self.request_scan("overflow")
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -174,7 +172,6 @@ class Maintenance:
     def restart_watcher(self, reason: str) -> None:
         """Rebuild the observer, re-arm the canary and rescan; a root that cannot be watched stays deaf."""
         self._metrics.watcher_restarts.labels(reason=reason).inc()
-        self._on_events_lost()
         try:
             self.watcher.restart()
             self.canary.arm()  # after the new watch exists, or its event can never come back

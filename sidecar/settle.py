@@ -30,7 +30,7 @@ log = structlog.get_logger("sidecar.settle")
 
 MAX_RECHECK_S = 2.0
 RETRY_HANDOVER_S = 1.0
-WRITER_DONE = frozenset({"close", "move", "unheld"})  # unheld: changed while nobody held it open (openfiles)
+WRITER_DONE = frozenset({"close", "move"})
 CHANGES = frozenset({"modify", "create"})
 EMPTY_QUIET_FACTOR = 4  # an empty file with no writer evidence waits longer: a writer may not have begun
 CLOSE_TIMEOUT_S = 60.0  # events mode: a modified file with no close for this long (truncate(2), mmap) goes on
@@ -53,8 +53,6 @@ class _Entry:
         if source in CHANGES:
             self.changed_at, self.closed = now, False
             self.writing = self.writing or source == "modify"
-        elif source == "unheld":
-            self.changed_at, self.closed, self.writing = now, True, False
         elif source in WRITER_DONE:
             self.closed, self.writing = True, False
 
@@ -107,7 +105,7 @@ class Settler:
             elif source != "scan":
                 entry.offers += 1
                 entry.note(source, now)
-                if source not in ("modify", "unheld"):
+                if source != "modify":
                     entry.source = source
                 if source in WRITER_DONE and entry.due > now:
                     entry.due, entry.rechecks = now, 0

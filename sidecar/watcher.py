@@ -22,11 +22,9 @@ from watchdog.events import (
     DirCreatedEvent,
     DirMovedEvent,
     FileClosedEvent,
-    FileClosedNoWriteEvent,
     FileCreatedEvent,
     FileModifiedEvent,
     FileMovedEvent,
-    FileOpenedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
@@ -38,11 +36,12 @@ from sidecar.localfile import relative
 log = structlog.get_logger("sidecar.watcher")
 
 # Modified events are the writer check's evidence that a writer is at work (see sidecar.writercheck): a file
-# seen being modified is ready only after a close or move event. Opened and closed-without-writing events
-# keep a count of open descriptors per file (ours included), so that a change while nobody has the file
-# open (truncate(2) by path) is known to be finished at once (sidecar.settle).
+# seen being modified is ready only after a close or move event. Opened/closed-no-write stay out: our own
+# reads would produce them, and an open made before a folder's watch existed is never seen, so a count of
+# open descriptors cannot be trusted (it let a torn video through: watchdog even simulates the create
+# events of files in a new folder).
 EVENT_FILTER = [FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent, DirMovedEvent,
-                DirCreatedEvent, FileOpenedEvent, FileClosedNoWriteEvent]
+                DirCreatedEvent]
 WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 POLL_INTERVAL_S = 2.0
 RECHECK_S = 0.2  # a folder created during the start-up walk is watched once its own event is read
@@ -97,10 +96,6 @@ class _Handler(FileSystemEventHandler):
                 path, source = event.src_path, "create"
             elif isinstance(event, FileModifiedEvent):
                 path, source = event.src_path, "modify"
-            elif isinstance(event, FileOpenedEvent):
-                path, source = event.src_path, "open"
-            elif isinstance(event, FileClosedNoWriteEvent):
-                path, source = event.src_path, "close_nowrite"
             else:
                 return
             rel = relative(self._root, path)

@@ -12,21 +12,17 @@ import os
 import random
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.container import report
 from support.e2e import World, write_in_chunks, write_like_a_video
 from support.faults import metric, scrape
 from support.proxy import R2Proxy
 from support.s3server import S3Server
 from support.unprivileged import Runtime, build_runtime, shared_folder
-from support.waiting import wait_until
 
 from sidecar.journal import Candidate
-from sidecar.openfiles import OpenFiles
 from sidecar.settle import CLOSE_TIMEOUT_S, Settler
 from sidecar.writercheck import choose, has_cap_lease, lease_works_in
 
@@ -216,61 +212,6 @@ def test_unprivileged_daemon_never_uploads_a_prefix_of_root_owned_files(
         assert confirmed["close_event"] >= 3 + 12  # every file written under an existing watch
         assert sum(confirmed.values()) == len(jobs)
         print(json.dumps({"files": len(jobs), "puts": len(world.proxy.puts()), "confirmed": confirmed}))
-    finally:
-        world.close()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def test_open_count_trusts_only_paths_whose_opens_were_all_seen() -> None:
-    """A modify counts as 'unheld' only for a path seen closing back to zero and not open now; a writer that
-    opened before the watch, a moved-in file and a reset (overflow) are never trusted."""
-    files = OpenFiles()
-    assert files.note(b"a.png", "modify") is False  # never seen closing: maybe a writer from before the watch
-    files.note(b"a.png", "open")
-    files.note(b"a.png", "modify")
-    assert files.note(b"a.png", "close") is False
-    assert files.note(b"a.png", "modify") is True  # truncate(2) by path: nobody holds it
-    files.note(b"a.png", "open")  # our own read, or a writer
-    assert files.note(b"a.png", "modify") is False
-    files.note(b"a.png", "close_nowrite")
-    assert files.note(b"a.png", "modify") is True
-    assert files.note(b"b.png", "close") is False and files.note(b"b.png", "modify") is False  # close of an unseen open
-    files.note(b"a.png", "move")
-    assert files.note(b"a.png", "modify") is False
-    files.note(b"c.png", "open")
-    files.note(b"c.png", "close")
-    files.reset()
-    assert files.note(b"c.png", "modify") is False
-
-
-@pytest.mark.slow
-def test_unprivileged_daemon_uploads_a_truncate_by_path_within_seconds(
-    runtime: Runtime, s3_server: S3Server, r2_proxy_http: R2Proxy, bucket: str
-) -> None:
-    """As nobody beside a root writer (events mode): a finished file truncated by path (truncate(2): a modify
-    event, no close) is confirmed by the open count at once, not after the 60 s close timeout; its new bytes
-    go to the variant key, the first object stays."""
-    base = shared_folder("sidecar-trunc-")
-    world = World(base, s3_server, r2_proxy_http, bucket)
-    world.env["PYTHONPATH"] = runtime.pythonpath
-    try:
-        os.chown(world.out, runtime.uid, runtime.gid)
-        world.state.mkdir()
-        os.chown(world.state, runtime.uid, runtime.gid)
-        proc = world.start(python=runtime.python, user=runtime.uid)
-        data = random.Random(11).randbytes(50_000)
-        write_in_chunks(world.path("ComfyUI_00001_.png"), data, chunks=2, pause_s=0.2)
-        world.wait_in_bucket(["ComfyUI_00001_.png"], proc)
-        world.wait_idle(proc)
-        started = time.monotonic()
-        os.truncate(world.path("ComfyUI_00001_.png"), 20_000)
-        wait_until(lambda: len(world.objects()) == 2, timeout=CLOSE_TIMEOUT_S / 2, message=proc.output)
-        took = time.monotonic() - started
-        assert sorted(len(v) for v in world.objects().values()) == [20_000, 50_000]
-        assert world.objects()[world.key("ComfyUI_00001_.png")] == data
-        samples = scrape(proc)
-        assert metric(samples, "sidecar_files_confirmed_total", check="close_timeout") == 0
-        report("truncate_by_path_events_mode", uploaded_after_s=round(took, 2), close_timeout_s=CLOSE_TIMEOUT_S)
     finally:
         world.close()
         shutil.rmtree(base, ignore_errors=True)
