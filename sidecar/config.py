@@ -6,10 +6,14 @@ variable; secret values are never echoed.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -19,12 +23,37 @@ from sidecar.errors import ConfigError
 ENV_PREFIX = "SIDECAR_"
 SECRETS_DIR_VAR = "SIDECAR_SECRETS_DIR"
 DEFAULT_EXTENSIONS = (
-    "png,jpg,jpeg,webp,gif,mp4,webm,mov,mkv,flac,mp3,opus,wav,glb,svg"
+    "png,jpg,jpeg,webp,gif,mp4,webm,mov,mkv,flac,mp3,opus,wav,glb,svg,latent"
 )
 KEY_FIELDS = ("pod_id", "relpath", "filename", "stem", "ext", "date", "md5")
 MIB = 1024 * 1024
 
 CommaList = Annotated[list[str], NoDecode]
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
+def check_endpoint_url(value: str) -> str:
+    """An endpoint URL that botocore will take: http(s), a host without spaces, a numeric port, no user
+    or password, no query. Errors never repeat the value (it may carry a password)."""
+    if not value:
+        return value
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ValueError("is not a valid URL (check the port, and brackets around an IPv6 address)") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must start with http:// or https://")
+    if "@" in parts.netloc:
+        raise ValueError("must not carry a user or password (use SIDECAR_ACCESS_KEY_ID / SIDECAR_SECRET_ACCESS_KEY)")
+    if not parts.hostname or any(ch.isspace() for ch in value):
+        raise ValueError("needs a host name, and no spaces")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    if port == 0:
+        raise ValueError("has port 0")
+    return value.rstrip("/")
 
 
 def _split_commas(value: Any) -> Any:
@@ -108,12 +137,29 @@ class Settings(BaseSettings):
             raise ValueError("must contain {relpath}, {filename} or {md5}, or every file gets the same key")
         return value
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return check_endpoint_url(value)
+
+    @field_validator("r2_account_id")
+    @classmethod
+    def _check_account(cls, value: str) -> str:
+        if value and not _LABEL.fullmatch(value):
+            raise ValueError("must be the account id from the Cloudflare dashboard (letters, digits, '-')")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _check_region(cls, value: str) -> str:
+        if not _REGION.fullmatch(value):
+            raise ValueError("must be a region name like 'auto' (R2) or 'us-east-1' (lower case, digits, '-')")
+        return value
+
     @model_validator(mode="after")
     def _check_endpoint(self) -> Settings:
         if self.r2_account_id and self.endpoint_url:
             raise ValueError("set SIDECAR_R2_ACCOUNT_ID or SIDECAR_ENDPOINT_URL, not both")
-        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
-            raise ValueError("SIDECAR_ENDPOINT_URL must start with http:// or https://")
         return self
 
     @property
@@ -148,14 +194,21 @@ class Settings(BaseSettings):
         return data
 
     def require_bucket(self) -> None:
-        """Raise :class:`ConfigError` unless a bucket is configured (needed by run, scan and check)."""
+        """Raise :class:`ConfigError` unless a bucket and where it lives are configured (run, scan, check).
+
+        A bucket alone would silently mean AWS S3; that has to be asked for, with its endpoint URL.
+        """
         if not self.bucket:
             raise ConfigError("SIDECAR_BUCKET: required (the bucket to upload into)")
+        if not self.resolved_endpoint:
+            raise ConfigError("SIDECAR_R2_ACCOUNT_ID: required with SIDECAR_BUCKET (or SIDECAR_ENDPOINT_URL for "
+                              "another S3 store; for AWS itself https://s3.<region>.amazonaws.com)")
 
 
 SECRET_FIELDS = frozenset(
     name for name, field in Settings.model_fields.items() if "SecretStr" in str(field.annotation)
 )
+UNECHOED = SECRET_FIELDS | {"endpoint_url"}  # a URL may carry user:password@
 
 
 def _format_error(exc: ValidationError) -> str:
@@ -167,9 +220,30 @@ def _format_error(exc: ValidationError) -> str:
         return f"configuration: {message}"
     variable = f"{ENV_PREFIX}{name.upper()}"
     shown = ""
-    if name not in SECRET_FIELDS and "input" in err and isinstance(err["input"], str | int | float):
+    if name not in UNECHOED and "input" in err and isinstance(err["input"], str | int | float):
         shown = f" (got {str(err['input'])[:60]!r})"
     return f"{variable}: {message}{shown}"
+
+
+# SIDECAR_* variables that are not settings but are read by the image's scripts and the test suite.
+OTHER_VARIABLES = frozenset({
+    SECRETS_DIR_VAR, "SIDECAR_USER", "SIDECAR_PYTHON", "SIDECAR_BIN", "SIDECAR_VENV", "SIDECAR_HOME",
+    "SIDECAR_STOPWAITSECS", "SIDECAR_TEMPLATE_START", "SIDECAR_INSTALL_PYTHON", "SIDECAR_PYTHONPATH",
+})
+OTHER_PREFIXES = ("SIDECAR_TEST_", "SIDECAR_CI_", "SIDECAR_FATAL")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``SIDECAR_*`` variable that is no setting (a typo?), naming the closest valid one."""
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    lines = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known or name.startswith(OTHER_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"warning: {name} is not a setting and is ignored{hint}")
+    return lines
 
 
 def load_settings(**overrides: Any) -> Settings:

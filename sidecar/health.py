@@ -56,13 +56,19 @@ class Canary:
             self.seen_at = self._clock()
 
     def arm(self) -> None:
-        """Call right after the watcher (re)started: hold its root directory open and write a fresh canary."""
+        """Call right after the watcher (re)started: hold its root directory open and write a fresh canary.
+
+        A canary that cannot be written is no crash: it never comes back, so the watcher reads as deaf.
+        """
         self._root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         old, self._root_fd = self._root_fd, fd
         if old is not None:
             os.close(old)
-        self.write()
+        try:
+            self.write()
+        except OSError as exc:
+            log.warning("canary_write_failed", error=exc.strerror or str(exc))
 
     def root_intact(self) -> bool:
         """True while the watched path is still the directory the watcher was started on (or not armed)."""
@@ -82,15 +88,26 @@ class Canary:
             os.close(fd)
 
     def write(self) -> None:
-        """(Re)write the canary; creates the root if it was deleted."""
+        """(Re)write the canary as a fresh file renamed into place; creates the root if it was deleted.
+
+        Never through what sits at the canary's name: a link there (to a file outside the folder, to the
+        journal) or a FIFO is replaced by the rename, not written into or waited on.
+        """
         self._root.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self.written_at = self._clock()
-        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        tmp = self._path + b".tmp-%d" % os.getpid()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileExistsError:  # left by a crash of ours, or planted: remove the name itself, once
+            os.unlink(tmp)
+            fd = os.open(tmp, flags, 0o600)
         try:
             os.write(fd, str(time.time()).encode())
         finally:
             os.close(fd)
+        os.replace(tmp, self._path)
 
     def check(self, observer_alive: bool, *, grace_s: float) -> str:
         """ok, waiting (written, not yet due) or deaf; rewrites the canary when a proven one is due.
