@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from sidecar import __version__
-from sidecar.config import Settings, load_settings
+from sidecar.config import Settings, load_settings, unknown_variables
 from sidecar.errors import (
     EXIT_ABORTED,
     EXIT_CONFIG,
@@ -43,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="watch and upload until SIGTERM (the daemon)")
-    sub.add_parser("scan", help="reconcile the tree, upload everything pending, exit 1 if anything failed")
+    scan = sub.add_parser("scan", help="upload everything now (retry delays ignored); exit 0 only when nothing "
+                          "is left pending, failed or settling")
+    scan.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                      help="give up waiting for writers and retries after S seconds (default 60)")
     check = sub.add_parser("check", help="validate the configuration and reach the bucket with one cheap request")
     check.add_argument("--offline", action="store_true",
                        help="validate everything `run` needs (bucket included) without any request")
@@ -75,12 +79,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
         return EXIT_ABORTED
+    except Exception as exc:  # a bug or a dependency's surprise: one line, the traceback only at DEBUG
+        if os.environ.get("SIDECAR_LOG_LEVEL", "").upper() == "DEBUG":
+            traceback.print_exc()
+        return _fail(f"unexpected error ({type(exc).__name__}): {_scrubbed(str(exc))[:300]} "
+                     "(SIDECAR_LOG_LEVEL=DEBUG shows the traceback)", EXIT_FAILURE)
+
+
+def _scrubbed(text: str) -> str:
+    """``text`` without the values of secret variables (an exception may quote a URL or a header)."""
+    for name in ("SIDECAR_SECRET_ACCESS_KEY", "SIDECAR_ACCESS_KEY_ID", "SIDECAR_HTTP_TOKEN"):
+        value = os.environ.get(name, "")
+        if len(value) >= 4:
+            text = text.replace(value, "**********")
+    return text.replace("\n", " ")
 
 
 def _settings() -> Settings:
     settings = load_settings()
+    _warn_unknown()
     configure_logging(settings.log_level, settings.log_format)
     return settings
+
+
+def _warn_unknown() -> None:
+    for line in unknown_variables(os.environ):
+        print(f"sidecar: {line}", file=sys.stderr)
 
 
 def cmd_config(_: argparse.Namespace) -> int:
@@ -92,6 +116,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from sidecar.store_s3 import S3Store, make_client  # noqa: PLC0415 - boto3 import only where needed
 
     settings = load_settings()
+    _warn_unknown()
     settings.require_bucket()
     if args.offline:
         print(f"ok: configuration valid for bucket {settings.bucket!r} (no request made)")
@@ -150,27 +175,35 @@ def run_until_signalled(daemon: Daemon, drain_timeout_s: float) -> int:
     os._exit(EXIT_FAILURE if daemon.fatal.is_set() else EXIT_OK)
 
 
-def cmd_scan(_: argparse.Namespace) -> int:
+def cmd_scan(args: argparse.Namespace) -> int:
     from sidecar.daemon import Daemon  # noqa: PLC0415
     from sidecar.journal import FAILED, PENDING, UPLOADED, UPLOADING  # noqa: PLC0415
 
+    signal.signal(signal.SIGIO, signal.SIG_IGN)  # lease breaks (see localfile.writer_holds) must not kill us
     settings = _settings()
     daemon = Daemon(settings)  # takes the state lock: beside a running daemon this exits 2, touching nothing
     daemon.start(watch=False)
+    daemon.journal.due_now()  # "upload everything now": files waiting out a retry delay go at once
+    deadline = time.monotonic() + args.timeout
     blocked = ""
     try:
         while not _scan_finished(daemon) and not (blocked := _store_blocks(daemon)):
+            if time.monotonic() > deadline:
+                blocked = (f"gave up after {args.timeout:g} s (--timeout): {len(daemon.settler)} file(s) still "
+                           "being written or settling; pending files stay queued for the daemon")
+                break
             time.sleep(0.05)
         stats = daemon.journal.stats()
+        settling = len(daemon.settler)
     finally:
         daemon.stop(deadline=time.monotonic() + settings.drain_timeout_s)
         daemon.close()
     pending = stats[PENDING][0] + stats[UPLOADING][0]
-    summary = {"uploaded": stats[UPLOADED][0], "pending": pending, "failed": stats[FAILED][0]}
+    summary = {"uploaded": stats[UPLOADED][0], "pending": pending, "failed": stats[FAILED][0], "settling": settling}
     print(json.dumps(summary))
     if blocked:
         _fail(blocked, EXIT_FAILURE)
-    return EXIT_FAILURE if summary["failed"] or pending else EXIT_OK
+    return EXIT_FAILURE if summary["failed"] or pending or settling else EXIT_OK
 
 
 SCAN_OUTAGE_LIMIT_S = 60.0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,8 +42,8 @@ def test_comma_lists_and_extensions_are_normalised(monkeypatch: pytest.MonkeyPat
 
 def test_r2_account_id_builds_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     """An account id becomes R2's endpoint URL."""
-    monkeypatch.setenv("SIDECAR_R2_ACCOUNT_ID", "abc123")
-    assert load_settings().resolved_endpoint == "https://abc123.r2.cloudflarestorage.com"
+    monkeypatch.setenv("SIDECAR_R2_ACCOUNT_ID", "0123456789abcdef0123456789abcdef")
+    assert load_settings().resolved_endpoint == "https://0123456789abcdef0123456789abcdef.r2.cloudflarestorage.com"
 
 
 @pytest.mark.parametrize(
@@ -51,7 +53,7 @@ def test_r2_account_id_builds_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> N
         ("SIDECAR_HTTP_PORT", "99999", "SIDECAR_HTTP_PORT:"),
         ("SIDECAR_KEY_TEMPLATE", "{nope}/{relpath}", "SIDECAR_KEY_TEMPLATE: unknown or malformed placeholder"),
         ("SIDECAR_KEY_TEMPLATE", "{pod_id}/fixed", "must contain {relpath}"),
-        ("SIDECAR_ENDPOINT_URL", "ftp://x", "SIDECAR_ENDPOINT_URL must start with http"),
+        ("SIDECAR_ENDPOINT_URL", "ftp://x", "SIDECAR_ENDPOINT_URL: must start with http"),
         ("SIDECAR_SETTLE_S", "soon", "SIDECAR_SETTLE_S:"),
         ("SIDECAR_LOG_LEVEL", "LOUD", "SIDECAR_LOG_LEVEL:"),
     ],
@@ -85,3 +87,56 @@ def test_bucket_is_required_only_where_needed() -> None:
     """Commands that talk to the store refuse to start without SIDECAR_BUCKET."""
     with pytest.raises(ConfigError, match="SIDECAR_BUCKET"):
         load_settings().require_bucket()
+
+
+GOOD = {"SIDECAR_BUCKET": "b", "SIDECAR_ENDPOINT_URL": "http://127.0.0.1:9",
+        "SIDECAR_WATCH_DIR": "/tmp/sidecar-cfg/out", "SIDECAR_STATE_DIR": "/tmp/sidecar-cfg/state"}
+HOST = "SIDECAR_ENDPOINT_URL: needs a host name, and no spaces"
+BAD_URL = "SIDECAR_ENDPOINT_URL: is not a valid URL (check the port, and brackets around an IPv6 address)"
+
+
+@pytest.mark.parametrize(
+    ("changes", "line"),
+    [
+        ({"SIDECAR_ENDPOINT_URL": "http://"}, HOST),
+        ({"SIDECAR_ENDPOINT_URL": "https://"}, HOST),
+        ({"SIDECAR_ENDPOINT_URL": "http://my host:9000"}, HOST),
+        ({"SIDECAR_ENDPOINT_URL": "http://[::1"}, BAD_URL),
+        ({"SIDECAR_ENDPOINT_URL": "http://127.0.0.1:abc"}, BAD_URL),
+        ({"SIDECAR_ENDPOINT_URL": "http://admin:hunter2@minio:9000"},
+         "SIDECAR_ENDPOINT_URL: must not carry a user or password (use SIDECAR_ACCESS_KEY_ID / "
+         "SIDECAR_SECRET_ACCESS_KEY)"),
+        ({"SIDECAR_ENDPOINT_URL": "s3.example.com"}, "SIDECAR_ENDPOINT_URL: must start with http:// or https://"),
+        ({"SIDECAR_ENDPOINT_URL": "", "SIDECAR_R2_ACCOUNT_ID": "abc def"},
+         "SIDECAR_R2_ACCOUNT_ID: must be the account id from the Cloudflare dashboard (letters, digits, '-') "
+         "(got 'abc def')"),
+        ({"SIDECAR_REGION": "US East"}, "SIDECAR_REGION: must be a region name like 'auto' (R2) or 'us-east-1' "
+         "(lower case, digits, '-') (got 'US East')"),
+        ({"SIDECAR_ENDPOINT_URL": ""}, "SIDECAR_R2_ACCOUNT_ID: required with SIDECAR_BUCKET (or SIDECAR_ENDPOINT_URL "
+         "for another S3 store; for AWS itself https://s3.<region>.amazonaws.com)"),
+    ],
+    ids=["no-host", "no-host-https", "space", "ipv6", "port", "userinfo", "scheme", "account", "region",
+         "bucket-only"],
+)
+def test_bad_values_are_one_exact_line_and_exit_2_before_anything_starts(
+        tmp_path: Path, changes: dict[str, str], line: str) -> None:
+    """`check --offline` (the entrypoint's gate) and `run` refuse each bad value with exactly one line and
+    exit 2, never a traceback; a password in the URL is never repeated; nothing is created."""
+    env = {"PATH": os.environ["PATH"], **GOOD, **changes}
+    env["SIDECAR_STATE_DIR"] = str(tmp_path / "state")
+    env["SIDECAR_WATCH_DIR"] = str(tmp_path / "out")
+    for command in (["check", "--offline"], ["run"]):
+        done = subprocess.run([sys.executable, "-m", "sidecar", *command], env=env, capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert (done.returncode, done.stderr, done.stdout) == (2, f"sidecar: {line}\n", ""), command
+    assert "hunter2" not in line and not (tmp_path / "state").exists()
+
+
+def test_unknown_variable_gets_one_warning_naming_the_closest(tmp_path: Path) -> None:
+    """A typo'd variable is not silently ignored: one warning line naming the setting it probably meant."""
+    env = {"PATH": os.environ["PATH"], **GOOD, "SIDECAR_MULTIPART_THRESHOLD": "5"}
+    done = subprocess.run([sys.executable, "-m", "sidecar", "check", "--offline"], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0
+    assert done.stderr == ("sidecar: warning: SIDECAR_MULTIPART_THRESHOLD is not a setting and is ignored "
+                           "(did you mean SIDECAR_MULTIPART_THRESHOLD_MB?)\n")
