@@ -224,6 +224,11 @@ class Journal(Database):
         with self._tx() as db:
             db.execute("DELETE FROM orphans WHERE upload_id = ?", (upload_id,))
 
+    def due_now(self) -> int:
+        """Every pending row due now (retry delays dropped): what ``sidecar scan`` promises."""
+        with self._tx() as db:
+            return db.execute("UPDATE files SET next_attempt_at = 0 WHERE state = 'pending'").rowcount
+
     def requeue_failed(self) -> int:
         """Every failed row back to pending with fresh attempts. Returns how many."""
         now = self._clock()

@@ -33,7 +33,8 @@ def test_scan_uploads_everything_and_is_idempotent(tmp_path: Path, r2_proxy: R2P
         (out / rel).write_bytes(data)
     first = sidecar(env, "scan")
     assert first.returncode == 0, first.stderr
-    assert json.loads(first.stdout.strip().splitlines()[-1]) == {"uploaded": 12, "pending": 0, "failed": 0}
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary == {"uploaded": 12, "pending": 0, "failed": 0, "settling": 0}
     assert s3_server.objects(bucket) == {f"pod/{rel}": data for rel, data in files.items()}
     assert len(r2_proxy.puts()) == 12
     r2_proxy.clear()
@@ -74,7 +75,8 @@ def test_scan_against_an_unusable_bucket_parks_nothing_and_says_why(
     r2_proxy.fail_all(status=403, code="AccessDenied")
     refused = sidecar(env, "scan")
     assert refused.returncode == 1, refused.stderr
-    assert json.loads(refused.stdout.strip().splitlines()[-1]) == {"uploaded": 0, "pending": 1, "failed": 0}
+    summary = json.loads(refused.stdout.strip().splitlines()[-1])
+    assert summary == {"uploaded": 0, "pending": 1, "failed": 0, "settling": 0}
     assert "AccessDenied" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     r2_proxy.heal()
     assert sidecar(env, "scan").returncode == 0
@@ -89,3 +91,39 @@ def test_config_redacts_and_version_prints(tmp_path: Path) -> None:
     assert json.loads(shown.stdout)["secret_access_key"] == "**********"
     version = sidecar(env, "--version")
     assert version.stdout.strip() == f"sidecar {__version__}"
+
+
+def test_scan_after_an_outage_uploads_everything_now_and_exits_0(tmp_path: Path, r2_proxy: R2Proxy,
+                                                               s3_server: S3Server, bucket: str) -> None:
+    """Files waiting out a long retry delay (a throttled store) are uploaded at once by the next scan: it
+    means "upload everything now", and exits 0 with nothing pending."""
+    env = sidecar_env(tmp_path, r2_proxy.endpoint, bucket, ca_bundle=r2_proxy.ca_bundle, settle_s=0.05,
+                      pod_id="pod", retry_base_s=600, retry_cap_s=600)
+    (tmp_path / "out").mkdir()
+    for n in range(3):
+        (tmp_path / "out" / f"{n}.png").write_bytes(b"p" * (100 + n))
+    r2_proxy.fail_all(status=429, code="TooManyRequests", when=lambda r: r.operation == "PutObject")
+    throttled = sidecar(env, "scan", "--timeout", "3")
+    assert throttled.returncode == 1
+    assert json.loads(throttled.stdout.strip().splitlines()[-1])["pending"] == 3  # each due in ~10 minutes
+    r2_proxy.heal()
+    again = sidecar(env, "scan")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == {"uploaded": 3, "pending": 0, "failed": 0,
+                                                                 "settling": 0}
+    assert s3_server.objects(bucket) == {f"pod/{n}.png": b"p" * (100 + n) for n in range(3)}
+
+
+def test_scan_gives_up_on_a_file_still_being_written_and_says_so(tmp_path: Path, r2_proxy: R2Proxy,
+                                                                 bucket: str) -> None:
+    """A writer holds a file open past --timeout: scan exits 1 within it, saying one file is still settling."""
+    env = sidecar_env(tmp_path, r2_proxy.endpoint, bucket, ca_bundle=r2_proxy.ca_bundle, settle_s=0.05,
+                      pod_id="pod")
+    (tmp_path / "out").mkdir()
+    with (tmp_path / "out" / "video.mp4").open("wb") as held:
+        held.write(b"half a video")
+        held.flush()
+        done = sidecar(env, "scan", "--timeout", "2")
+    assert done.returncode == 1
+    assert json.loads(done.stdout.strip().splitlines()[-1])["settling"] == 1
+    assert "--timeout" in done.stderr and "1 file(s) still being written" in done.stderr
