@@ -1,17 +1,24 @@
 """``sidecar demo``: the whole daemon against a local S3 server, on a demo folder, with sample images.
 
-Starts moto's S3 server in-process on 127.0.0.1, runs the real daemon on ``<dir>/outputs`` (journal in
-``<dir>/state``), writes a few PNGs the way ComfyUI does (in place, in chunks, one in a new subfolder),
-and prints each object as it arrives in the bucket with a byte-for-byte check. ``--once`` exits when
-every sample is verified; otherwise drop more files into the folder and press Ctrl-C to stop.
+Starts moto's S3 server in-process on 127.0.0.1, runs the real daemon on ``<dir>/outputs``, writes a few
+PNGs the way ComfyUI does (in place, in chunks, one in a new subfolder), and prints each object as it
+arrives in the bucket, compared byte for byte with the file on disk. ``--once`` exits when every sample
+is verified; otherwise drop more files into the folder and press Ctrl-C to stop.
+
+It deletes nothing: ``<dir>`` is created with a marker file, a folder without that marker that is not
+empty is refused, files dropped in earlier are kept (and uploaded again: the S3 server starts empty each
+time), and the journal lives in a temporary folder that only this run made.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import shutil
 import signal
 import struct
+import tempfile
 import threading
 import time
 import zlib
@@ -19,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.config import load_settings
-from sidecar.errors import EXIT_FAILURE, EXIT_OK, SidecarError
+from sidecar.errors import EXIT_FAILURE, EXIT_OK, ConfigError, SidecarError
 from sidecar.logs import configure_logging
 
 BUCKET = "sidecar-demo"
+MARKER = ".sidecar-demo"
 SAMPLES = ("ComfyUI_00001_.png", "ComfyUI_00002_.png", "portraits/ComfyUI_00001_.png", "ComfyUI_00003_.png")
 ONCE_TIMEOUT_S = 60.0
 
@@ -57,11 +65,54 @@ def _start_s3() -> tuple[Any, str]:
     try:
         from moto.server import ThreadedMotoServer  # noqa: PLC0415 - optional dependency
     except ImportError:
-        raise SidecarError("the demo needs moto: pip install 'comfyui-r2-sidecar[demo]'") from None
+        raise SidecarError("the demo needs moto: pip install -e '.[demo]' in a clone of this repository") from None
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    with contextlib.redirect_stdout(io.StringIO()):  # moto's start-up banner is not the demo's first line
+        server.start()
     host, port = server.get_host_and_port()
     return server, f"http://{host}:{port}"
+
+
+def _demo_folder(base: Path) -> Path:
+    """``base``, created with the demo's marker; a non-empty folder the demo did not make is refused."""
+    if base.exists() and not (base / MARKER).exists() and (not base.is_dir() or any(base.iterdir())):
+        raise ConfigError(f"--dir: {base} exists and was not made by the demo; choose a new folder "
+                          "(the demo never writes into a folder it did not create)")
+    (base / "outputs").mkdir(parents=True, exist_ok=True)
+    (base / MARKER).write_text("made by `sidecar demo`; files in outputs/ are yours to keep\n")
+    return base
+
+
+def _on_disk(watch_dir: Path, key: str) -> bytes | None:
+    """The bytes of the file a demo key was made from (the template is ``{pod_id}/{relpath}``), if any."""
+    try:
+        return (watch_dir / key.split("/", 1)[1]).read_bytes()
+    except (OSError, IndexError):
+        return None
+
+
+def _watch_bucket(s3: Any, watch_dir: Path, expected: dict[str, bytes], *, once: bool) -> tuple[set[str], bool]:
+    """Print each object as it arrives, compared with its file; until Ctrl-C, or (``once``) every sample."""
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    seen: set[str] = set()
+    deadline = time.monotonic() + ONCE_TIMEOUT_S
+    ok = True
+    while not stop.wait(0.25):
+        for item in s3.list_objects_v2(Bucket=BUCKET).get("Contents", []):
+            key = item["Key"]
+            if key in seen:
+                continue
+            seen.add(key)
+            body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+            want = expected.get(key, _on_disk(watch_dir, key))
+            verdict = "bytes match" if body == want else "BYTES DIFFER" if want is not None else "not on disk"
+            ok = ok and verdict == "bytes match"
+            print(f"demo: arrived  s3://{BUCKET}/{key}  {len(body)} bytes  {verdict}")
+        if once and (expected.keys() <= seen or time.monotonic() > deadline):
+            break
+    return seen, ok
 
 
 def run_demo(folder: str, *, once: bool) -> int:
@@ -70,9 +121,9 @@ def run_demo(folder: str, *, once: bool) -> int:
 
     from sidecar.daemon import build_daemon  # noqa: PLC0415
 
-    base = Path(folder).resolve()
-    for part in ("outputs", "state"):  # the S3 server starts empty, so the demo starts from scratch too
-        shutil.rmtree(base / part, ignore_errors=True)
+    signal.signal(signal.SIGIO, signal.SIG_IGN)  # lease breaks (see localfile.writer_holds) must not kill us
+    base = _demo_folder(Path(folder).resolve())
+    state = Path(tempfile.mkdtemp(prefix="sidecar-demo-state-"))  # the S3 server starts empty: so does the journal
     server, endpoint = _start_s3()
     s3 = boto3.client(
         "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="demo",
@@ -80,17 +131,18 @@ def run_demo(folder: str, *, once: bool) -> int:
     )
     s3.create_bucket(Bucket=BUCKET)
     settings = load_settings(
-        watch_dir=base / "outputs", state_dir=base / "state", bucket=BUCKET, endpoint_url=endpoint,
+        watch_dir=base / "outputs", state_dir=state, bucket=BUCKET, endpoint_url=endpoint,
         region="us-east-1", access_key_id="demo", http_host="127.0.0.1", http_port=0,
         secret_access_key="demo",  # noqa: S106 - the local demo server's dummy credentials
         pod_id="demo-pod", log_format="console",
     )
     configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
+    print(f"demo: S3 server {endpoint}, bucket {BUCKET!r}", flush=True)
     daemon = build_daemon(settings)
     daemon.start()
-    print(f"demo: S3 server {endpoint}, bucket {BUCKET!r}")
-    print(f"demo: watching {settings.watch_dir}  (metrics: http://127.0.0.1:{daemon.http.port}/metrics)")
+    print(f"demo: watching {settings.watch_dir}  (metrics: http://127.0.0.1:{daemon.http.port}/metrics; "
+          f"queue: SIDECAR_HTTP_PORT={daemon.http.port} sidecar status)")
     expected: dict[str, bytes] = {}
     for n, rel in enumerate(SAMPLES):
         data = sample_png(160, 120, n)
@@ -101,30 +153,13 @@ def run_demo(folder: str, *, once: bool) -> int:
             write_like_comfyui(settings.watch_dir / rel, expected[f"demo-pod/{rel}"])
 
     threading.Thread(target=write_samples, daemon=True).start()
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    seen: set[str] = set()
-    deadline = time.monotonic() + ONCE_TIMEOUT_S
-    ok = True
     try:
-        while not stop.wait(0.25):
-            for item in s3.list_objects_v2(Bucket=BUCKET).get("Contents", []):
-                key = item["Key"]
-                if key in seen:
-                    continue
-                seen.add(key)
-                body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-                want = expected.get(key)
-                verdict = "bytes match" if want is None or body == want else "BYTES DIFFER"
-                ok = ok and verdict == "bytes match"
-                print(f"demo: arrived  s3://{BUCKET}/{key}  {len(body)} bytes  {verdict}")
-            if once and (expected.keys() <= seen or time.monotonic() > deadline):
-                break
+        seen, ok = _watch_bucket(s3, settings.watch_dir, expected, once=once)
     finally:
         daemon.stop(deadline=time.monotonic() + 2.0)
         daemon.close()
         server.stop()
+        shutil.rmtree(state, ignore_errors=True)  # made by this run, above
     missing = sorted(expected.keys() - seen)
     if missing:
         print(f"demo: missing {missing}")

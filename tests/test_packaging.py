@@ -202,7 +202,9 @@ def test_builder_stage_replayed_yields_a_working_isolated_venv(tmp_path: Path) -
     venv = tmp_path / "opt-sidecar"
     replay_builder(tmp_path / "root", {"SIDECAR_PYTHON": sys.executable, "SIDECAR_VENV": str(venv)})
 
-    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and project["dynamic"] == ["version"]  # one source of the version
+    version = re.search(r'__version__ = "([^"]+)"', (REPO / "sidecar" / "__init__.py").read_text()).group(1)  # type: ignore[union-attr]
     clean_env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     result = subprocess.run(
         [str(venv / "bin" / "sidecar"), "--version"],
