@@ -64,6 +64,15 @@ class Result:
     version: Version = (0, 0, 0, 0)  # (size, mtime, inode, ctime) of the version read
 
 
+def _is_confirmed(row: FileRow, st: os.stat_result) -> bool:
+    """The file opened is the version the journal recorded as finished (unknown parts of it match all)."""
+    if row.size == 0 and row.mtime_ns == 0:
+        return True  # a row without a recorded version (tests, hand-made rows)
+    if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
+        return False
+    return row.ino == 0 or (st.st_ino, st.st_ctime_ns) == (row.ino, row.ctime_ns)  # 0: journal of schema 1
+
+
 def part_size_for(size: int, minimum: int) -> int:
     """Equal part size (whole MiB, at least ``minimum``) so that ``size`` needs at most 10,000 parts."""
     needed = math.ceil(size / MAX_PARTS)
@@ -108,6 +117,10 @@ class Transfer:
     def run(self, row: FileRow) -> Result:
         fd, st = open_regular(self._root, row.path)
         with os.fdopen(fd, "rb") as f:
+            if not _is_confirmed(row, st):
+                # Not the version the writer check confirmed: a writer may be at work on it right now (it was
+                # rewritten after the check). Its own events, or the next scan, record the new version.
+                raise FileChanged(path_text(row.path))
             content = self._read(row, f, st)
             if row.etag is not None and row.key and row.md5 == content.md5:
                 return self._result(row.key, row.etag, content, "unchanged")

@@ -47,9 +47,10 @@ def test_the_canary_is_never_written_through_what_sits_at_its_name(world: World,
     wait_until(lambda: world.status(proc)["watcher"]["canary"] == "ok", timeout=20, message=proc.output)
     world.path(world.remember("a.png", b"png" * 50)).write_bytes(world.written["a.png"])
     world.wait_in_bucket(["a.png"], proc)
+    world.wait_idle(proc)  # the journal, a database still, records the upload
+    assert world.journal()["a.png"].state == "uploaded"
     assert outside.read_bytes() == b"not yours"
     assert canary.is_file() and not canary.is_symlink() and canary.stat().st_nlink == 1
-    assert world.journal()["a.png"].state == "uploaded"  # the journal is a database still
 
 
 def test_default_extensions_cover_what_stock_comfyui_writes() -> None:

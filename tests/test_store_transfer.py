@@ -300,3 +300,27 @@ def test_wrong_secret_is_refused_and_never_shown(r2_proxy: R2Proxy, bucket: str,
     assert lean.value.code == "SignatureDoesNotMatch" and lean.value.scope == "bucket"
     assert boto.value.code in ("SignatureDoesNotMatch", "AccessDenied")
     assert "not-the-secret" not in str(lean.value) + str(boto.value)
+
+
+def test_a_version_other_than_the_confirmed_one_is_never_sent(store: S3Store, r2_proxy: R2Proxy,
+                                                               tmp_path: Path) -> None:
+    """The writer check confirmed one version; by the time a worker opens the file a writer has truncated it
+    and begun again (the demo caught a 0-byte object so). The transfer refuses it -- FileChanged, no request --
+    and the version recorded next is sent whole."""
+    from sidecar.transfer import FileChanged  # noqa: PLC0415
+
+    path = tmp_path / "a.png"
+    path.write_bytes(b"x" * 4000)
+    st = path.stat()
+    confirmed = row(b"a.png", size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino, ctime_ns=st.st_ctime_ns)
+    with path.open("r+b") as writer:  # in place: same inode, truncated, half rewritten
+        writer.truncate(0)
+        writer.write(b"y" * 100)
+        writer.flush()
+        with pytest.raises(FileChanged):
+            make_transfer(store, tmp_path).run(confirmed)
+    assert r2_proxy.requests == []
+    st = path.stat()
+    again = make_transfer(store, tmp_path).run(
+        row(b"a.png", size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino, ctime_ns=st.st_ctime_ns))
+    assert again.outcome == "uploaded" and again.size == 100
