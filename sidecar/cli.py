@@ -113,11 +113,13 @@ def cmd_config(_: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from sidecar.folders import check_folders  # noqa: PLC0415
     from sidecar.store_s3 import S3Store, make_client  # noqa: PLC0415 - boto3 import only where needed
 
     settings = load_settings()
     _warn_unknown()
     settings.require_bucket()
+    check_folders(settings)
     if args.offline:
         print(f"ok: configuration valid for bucket {settings.bucket!r} (no request made)")
         return EXIT_OK

@@ -7,6 +7,7 @@ variable; secret values are never echoed.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import socket
@@ -29,8 +30,19 @@ KEY_FIELDS = ("pod_id", "relpath", "filename", "stem", "ext", "date", "md5")
 MIB = 1024 * 1024
 
 CommaList = Annotated[list[str], NoDecode]
+MIN_TOKEN_CHARS = 16
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def check_endpoint_url(value: str) -> str:
@@ -103,9 +115,10 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=4.0, ge=0)
 
     # How to be seen.
-    http_host: str = "0.0.0.0"  # noqa: S104 - RunPod's proxy reaches the pod's interface; token guards it
+    http_host: str = "127.0.0.1"  # another address needs a token (RunPod publishes exposed ports)
     http_port: int = Field(default=9188, ge=0, le=65535)
     http_token: SecretStr | None = None
+    http_public_without_token: bool = False  # the explicit, logged opt-out of that rule
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -155,6 +168,18 @@ class Settings(BaseSettings):
         if not _REGION.fullmatch(value):
             raise ValueError("must be a region name like 'auto' (R2) or 'us-east-1' (lower case, digits, '-')")
         return value
+
+    @model_validator(mode="after")
+    def _check_http(self) -> Settings:
+        token = self.http_token.get_secret_value() if self.http_token is not None else None
+        if token is not None and (len(token) < MIN_TOKEN_CHARS or any(ch.isspace() for ch in token)):
+            raise ValueError(f"SIDECAR_HTTP_TOKEN: must be one word of at least {MIN_TOKEN_CHARS} characters "
+                             "(e.g. from `openssl rand -hex 16`)")
+        if token is None and not is_loopback(self.http_host) and not self.http_public_without_token:
+            raise ValueError(f"SIDECAR_HTTP_HOST: {self.http_host} without SIDECAR_HTTP_TOKEN would show /status "
+                             "(bucket, keys, file names) and /metrics to anyone who reaches the port; set a "
+                             "token, or SIDECAR_HTTP_PUBLIC_WITHOUT_TOKEN=true to accept that")
+        return self
 
     @model_validator(mode="after")
     def _check_endpoint(self) -> Settings:
@@ -217,7 +242,7 @@ def _format_error(exc: ValidationError) -> str:
     name = loc[0] if loc else ""
     message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     if not name:
-        return f"configuration: {message}"
+        return message if message.startswith(ENV_PREFIX) else f"configuration: {message}"
     variable = f"{ENV_PREFIX}{name.upper()}"
     shown = ""
     if name not in UNECHOED and "input" in err and isinstance(err["input"], str | int | float):

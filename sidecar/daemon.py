@@ -25,9 +25,10 @@ from prometheus_client import CollectorRegistry
 
 from sidecar import __version__
 from sidecar.backoff import RetryPolicy
-from sidecar.config import Settings
+from sidecar.config import Settings, is_loopback
 from sidecar.errors import ConfigError, SidecarError, StoreError
 from sidecar.filters import PathFilter
+from sidecar.folders import check_folders
 from sidecar.health import Canary
 from sidecar.intake import Intake
 from sidecar.journal import FAILED, PENDING, UPLOADED, open_journal
@@ -54,6 +55,7 @@ class Daemon:
 
     def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None, lock: bool = True) -> None:
         settings.require_bucket()
+        check_folders(settings)  # before the lock and the journal create anything
         self.settings = settings
         self.root = settings.watch_dir
         self.lock = StateLock(settings.state_dir)
@@ -210,6 +212,10 @@ def build_daemon(settings: Settings, *, registry: CollectorRegistry | None = Non
 
     daemon = Daemon(settings, registry=registry)
     token = settings.http_token.get_secret_value() if settings.http_token else None
+    if token is None and not is_loopback(settings.http_host):
+        log.warning("http_public_without_token", host=settings.http_host, port=settings.http_port,
+                    hint="SIDECAR_HTTP_PUBLIC_WITHOUT_TOKEN=true: /status and /metrics are open to anyone who "
+                    "reaches this port")
     daemon.http = HttpServer(settings.http_host, settings.http_port, daemon.registry, token=token,
                              health=daemon.views.health, ready=daemon.views.ready, status=daemon.views.status)
     return daemon

@@ -22,7 +22,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from sidecar.errors import ConfigError, SidecarError
 
@@ -46,6 +46,10 @@ class _App:
         self.health = health
         self.ready = ready
         self.status = status
+        self.unauthorized = Counter(
+            "sidecar_http_unauthorized_total", "Requests refused for a missing or wrong bearer token.",
+            registry=registry,
+        )
 
     def authorized(self, header: str | None) -> bool:
         if self.expected is None:
@@ -116,6 +120,7 @@ class _Handler(BaseHTTPRequestHandler):
         app = cast(_Server, self.server).app
         path = urlsplit(self.path).path
         if path not in OPEN_PATHS and not app.authorized(self.headers.get("Authorization")):
+            app.unauthorized.inc()
             body = _json({"error": "unauthorized"})
             self._send(401, JSON_TYPE, body, send_body, {"WWW-Authenticate": 'Bearer realm="sidecar"'})
             return

@@ -140,3 +140,64 @@ def test_unknown_variable_gets_one_warning_naming_the_closest(tmp_path: Path) ->
     assert done.returncode == 0
     assert done.stderr == ("sidecar: warning: SIDECAR_MULTIPART_THRESHOLD is not a setting and is ignored "
                            "(did you mean SIDECAR_MULTIPART_THRESHOLD_MB?)\n")
+
+
+@pytest.mark.parametrize(
+    ("make", "variable", "problem"),
+    [
+        ("file", "SIDECAR_WATCH_DIR", "is not a folder"),
+        ("under-file", "SIDECAR_STATE_DIR", "cannot be created ("),
+        ("symlink", "SIDECAR_STATE_DIR", "is a symbolic link; point the variable at the real folder"),
+    ],
+)
+def test_unusable_folders_are_one_line_and_exit_2_before_anything_is_created(
+        tmp_path: Path, make: str, variable: str, problem: str) -> None:
+    """A watch folder that is a file, a state folder under a file or behind a symlink: `check --offline`
+    and `run` say so in one line naming the variable, exit 2, and create nothing."""
+    target = tmp_path / "target"
+    env = {"PATH": os.environ["PATH"], **GOOD, "SIDECAR_WATCH_DIR": str(tmp_path / "out"),
+           "SIDECAR_STATE_DIR": str(tmp_path / "state")}
+    if make == "file":
+        (tmp_path / "out").write_bytes(b"not a folder")
+    elif make == "under-file":
+        (tmp_path / "blocker").write_bytes(b"")
+        env["SIDECAR_STATE_DIR"] = str(tmp_path / "blocker" / "state")
+    else:
+        target.mkdir()
+        (tmp_path / "state").symlink_to(target)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for command in (["check", "--offline"], ["run"]):
+        done = subprocess.run([sys.executable, "-m", "sidecar", *command], env=env, capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 2, (command, done.stderr)
+        (line,) = done.stderr.splitlines()
+        assert line.startswith(f"sidecar: {variable}: ") and problem in line, line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    ("changes", "line"),
+    [
+        ({"SIDECAR_HTTP_HOST": "0.0.0.0"},
+         "SIDECAR_HTTP_HOST: 0.0.0.0 without SIDECAR_HTTP_TOKEN would show /status (bucket, keys, file names) and "
+         "/metrics to anyone who reaches the port; set a token, or SIDECAR_HTTP_PUBLIC_WITHOUT_TOKEN=true to "
+         "accept that"),
+        ({"SIDECAR_HTTP_TOKEN": "short"},
+         "SIDECAR_HTTP_TOKEN: must be one word of at least 16 characters (e.g. from `openssl rand -hex 16`)"),
+    ],
+    ids=["public-without-token", "short-token"],
+)
+def test_the_http_endpoint_is_not_public_by_accident(tmp_path: Path, changes: dict[str, str], line: str) -> None:
+    """The default binds loopback; another address needs a token of 16+ characters or the explicit opt-out.
+    Each refusal is one line, exit 2, and never shows the token."""
+    env = {"PATH": os.environ["PATH"], **GOOD, "SIDECAR_WATCH_DIR": str(tmp_path / "out"),
+           "SIDECAR_STATE_DIR": str(tmp_path / "state"), **changes}
+    done = subprocess.run([sys.executable, "-m", "sidecar", "check", "--offline"], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert (done.returncode, done.stderr) == (2, f"sidecar: {line}\n")
+    assert load_settings().http_host == "127.0.0.1"
+    env["SIDECAR_HTTP_PUBLIC_WITHOUT_TOKEN"] = "true"
+    env.pop("SIDECAR_HTTP_TOKEN", None)
+    allowed = subprocess.run([sys.executable, "-m", "sidecar", "check", "--offline"], env=env, capture_output=True,
+                             text=True, timeout=60, check=False)
+    assert allowed.returncode == 0, allowed.stderr

@@ -26,7 +26,8 @@ DEFAULT = PathFilter(DEFAULT_EXTENSIONS.split(","))
         ("a.png.tmp", "partial"),
         ("checkpoints/model.safetensors", "extension"),
         ("noext", "extension"),
-        ("ComfyUI_00001_.latent", "extension"),
+        ("ComfyUI_00001_.latent", None),  # SaveLatent: a default output type
+        ("ComfyUI_00001_.json", "extension"),
     ],
 )
 def test_default_filter(relpath: str, reason: str | None) -> None:

@@ -28,7 +28,7 @@ from sidecar.metrics import JournalCollector, Metrics
 from sidecar.watcher import Watcher
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-TOKEN = "obs-t0ken-4b9e"
+TOKEN = "obs-t0ken-4b9e-0123456789"
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d+Z$")
 SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -342,6 +342,7 @@ def test_token_guards_everything_but_healthz(start_sidecar: StartSidecar) -> Non
         assert sidecar.get(path, token="wrong")[0] == 401, path
         assert sidecar.get(path, token=TOKEN)[0] == 200, path
     assert sidecar.get("/healthz")[0] == 200
+    assert sample(sidecar.metrics(TOKEN), "sidecar_http_unauthorized_total") == 6  # every refusal counted
 
     sidecar.write("one.png", b"1")
     wait_until(_uploaded(sidecar, 1), message=sidecar.proc.output)
@@ -351,7 +352,7 @@ def test_token_guards_everything_but_healthz(start_sidecar: StartSidecar) -> Non
     assert lines[0] == "sidecar 0.1.0"
     assert "uploaded=1" in lines[1] and "pending=0" in lines[1]
     assert "one.png" in out and "inotify" in out
-    code, out, err = sidecar.cli("status", SIDECAR_HTTP_TOKEN="wrong")
+    code, out, err = sidecar.cli("status", SIDECAR_HTTP_TOKEN="wrong-token-0123456789")
     assert code == 1 and out == "" and "SIDECAR_HTTP_TOKEN" in err and "refused" in err
 
 

@@ -42,7 +42,7 @@ CONF = REPO / "supervisord.conf"
 DOCKERFILE = REPO / "Dockerfile"
 FAKE_COMFYUI = REPO / "tests" / "support" / "fake_comfyui.py"
 POD_ID = "testpod"
-TOKEN_VAR = "SIDECAR_PACKAGING_TEST_TOKEN"  # marks every process a Stack started, for cleanup
+TOKEN_VAR = "SIDECAR_TEST_PACKAGING_TOKEN"  # marks every process a Stack started, for cleanup
 
 # Generous limits: a loaded 2-core CI machine starts Python processes slowly. Waits end as soon as
 # their condition holds, so these only bound a failure.
