@@ -217,5 +217,6 @@ def build_daemon(settings: Settings, *, registry: CollectorRegistry | None = Non
                     hint="SIDECAR_HTTP_PUBLIC_WITHOUT_TOKEN=true: /status and /metrics are open to anyone who "
                     "reaches this port")
     daemon.http = HttpServer(settings.http_host, settings.http_port, daemon.registry, token=token,
-                             health=daemon.views.health, ready=daemon.views.ready, status=daemon.views.status)
+                             health=daemon.views.health, ready=daemon.views.ready, status=daemon.views.status,
+                             on_unauthorized=daemon.metrics.http_unauthorized.inc)
     return daemon

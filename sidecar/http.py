@@ -22,7 +22,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from sidecar.errors import ConfigError, SidecarError
 
@@ -46,10 +46,7 @@ class _App:
         self.health = health
         self.ready = ready
         self.status = status
-        self.unauthorized = Counter(
-            "sidecar_http_unauthorized_total", "Requests refused for a missing or wrong bearer token.",
-            registry=registry,
-        )
+        self.on_unauthorized: Callable[[], None] = lambda: None
 
     def authorized(self, header: str | None) -> bool:
         if self.expected is None:
@@ -120,7 +117,7 @@ class _Handler(BaseHTTPRequestHandler):
         app = cast(_Server, self.server).app
         path = urlsplit(self.path).path
         if path not in OPEN_PATHS and not app.authorized(self.headers.get("Authorization")):
-            app.unauthorized.inc()
+            app.on_unauthorized()
             body = _json({"error": "unauthorized"})
             self._send(401, JSON_TYPE, body, send_body, {"WWW-Authenticate": 'Bearer realm="sidecar"'})
             return
@@ -184,7 +181,7 @@ class HttpServer:
 
     def __init__(
         self, host: str, port: int, registry: CollectorRegistry, *, token: str | None, health: Probe,
-        ready: Probe, status: Callable[[], dict[str, Any]],
+        ready: Probe, status: Callable[[], dict[str, Any]], on_unauthorized: Callable[[], None] = lambda: None,
     ) -> None:
         if token is not None and (not token or any(char.isspace() for char in token)):
             raise ConfigError(
@@ -201,6 +198,7 @@ class HttpServer:
                 ) from exc
             raise SidecarError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         self._server.app = _App(registry, token, health, ready, status)
+        self._server.app.on_unauthorized = on_unauthorized  # a refused request: counted by the caller
         self._host = host
         self._thread: threading.Thread | None = None
         self._closed = False

@@ -107,6 +107,10 @@ class Metrics:
             "sidecar_store_state", "1 for the object store's current state (up, down: no answer, broken: answers "
             "no retry will change, unknown: no request yet).", ["state"], registry=registry,
         )
+        self.http_unauthorized = Counter(
+            "sidecar_http_unauthorized_total", "Requests refused for a missing or wrong bearer token.",
+            registry=registry,
+        )
         self.journal_problems = Counter(
             "sidecar_journal_problems_total", "Journal faults: rebuilt (a damaged file moved aside), deleted or "
             "replaced under the running daemon, commit_failed (readiness could not commit).", ["problem"],
