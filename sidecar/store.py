@@ -32,6 +32,7 @@ class ObjectInfo:
     size: int
     etag: str
     md5: str | None  # the ETag of a single-part object; for a multipart one, our metadata
+    claimed_md5: str | None = None  # what our metadata says, whatever the ETag (proof needs the bytes)
 
 
 class ObjectStore(Protocol):
@@ -44,6 +45,10 @@ class ObjectStore(Protocol):
 
     def head(self, key: str) -> ObjectInfo | None:
         """Describe ``key``, or None if it does not exist."""
+        ...
+
+    def read_md5(self, key: str) -> str | None:
+        """The MD5 of the object's bytes, read back (a GET), or None if it does not exist."""
         ...
 
     def create_multipart(self, key: str, *, md5_hex: str, content_type: str) -> str:

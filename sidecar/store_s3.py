@@ -230,9 +230,29 @@ class S3Store:
                 return None
             raise
         etag = _etag(response)
+        claimed = response.get("Metadata", {}).get(MD5_METADATA)
         # A single-part ETag is the store's own MD5 of what it holds: believe it over metadata anyone can set.
-        md5 = etag if is_md5(etag) else response.get("Metadata", {}).get(MD5_METADATA)
-        return ObjectInfo(key=key, size=int(response.get("ContentLength", 0)), etag=etag, md5=md5)
+        md5 = etag if is_md5(etag) else claimed
+        return ObjectInfo(key=key, size=int(response.get("ContentLength", 0)), etag=etag, md5=md5,
+                          claimed_md5=claimed)
+
+    def read_md5(self, key: str) -> str | None:
+        try:
+            response = self._call("GetObject", key, self._client.get_object, Key=key)
+        except PermanentStoreError as exc:
+            if exc.code in ("NoSuchKey", "NotFound"):
+                return None
+            raise
+        digest = hashlib.md5(usedforsecurity=False)
+        body = response["Body"]
+        try:
+            for chunk in iter(lambda: body.read(1024 * 1024), b""):
+                digest.update(chunk)
+        except Exception as exc:  # a connection cut mid-body: classified like any other failure
+            raise classify(exc, operation="GetObject", key=key, secrets=self._secrets) from None
+        finally:
+            body.close()
+        return digest.hexdigest()
 
     def create_multipart(self, key: str, *, md5_hex: str, content_type: str) -> str:
         response = self._call(

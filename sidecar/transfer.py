@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 
+import structlog
+
 from sidecar.errors import KeyExistsError, PermanentStoreError, SidecarError, StoreError
 from sidecar.journal import FileRow
 from sidecar.journal_schema import Version, version_of
@@ -26,6 +28,7 @@ from sidecar.mime import content_type
 from sidecar.store import ObjectStore, composite_etag
 
 T = TypeVar("T")
+log = structlog.get_logger("sidecar.transfer")
 
 
 class Retry(Protocol):
@@ -151,12 +154,22 @@ class Transfer:
         return Result(key, etag, c.md5, c.st.st_size, c.st.st_mtime_ns, outcome, variant_of, version_of(c.st))
 
     def _ours(self, key: str, content: _Content) -> Result | None:
-        """The key exists: if it holds our bytes already (a crash after the write), we are done."""
+        """The key exists: if it holds our bytes already (a crash after the write), we are done.
+
+        The store's ETag proves it. Where it does not but our metadata claims the object (a store whose ETag
+        is not the MD5, or a wrong one), the bytes themselves decide: one GET, only on this rare path.
+        """
         info = self._retry(lambda: self._store.head(key))
         if info is None or info.size != content.st.st_size:
+            log.info("key_taken", key=key, found="nothing" if info is None else f"{info.size} bytes")
             return None
         if info.md5 == content.md5 or (content.part_md5s and info.etag == composite_etag(list(content.part_md5s))):
             return self._result(key, info.etag, content, "existing")
+        if info.claimed_md5 == content.md5:
+            read = self._retry(lambda: self._store.read_md5(key))
+            log.warning("store_etag_disagrees", key=key, etag=info.etag, bytes_md5=read, ours=content.md5)
+            if read == content.md5:
+                return self._result(key, info.etag, content, "existing")
         return None
 
     # -- reading --------------------------------------------------------------------------------------

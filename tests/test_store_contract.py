@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from support.memstore import MemoryStore
 from support.proxy import R2Proxy
+from support.s3server import S3Server
 
 from sidecar.config import load_settings
 from sidecar.errors import KeyExistsError, PermanentStoreError
@@ -123,3 +125,30 @@ def test_transfer_round_trips_and_recognises_its_own_object(store: tuple[ObjectS
     (tmp_path / "a.bin").write_bytes(newer)
     second = transfer.run(row(b"a.bin"))
     assert second.variant_of == "p/a.bin" and objects() == {"p/a.bin": data, second.key: newer}
+
+
+def test_the_test_servers_etag_is_right_under_concurrent_reads(s3_server: S3Server, bucket: str) -> None:
+    """The suite's moto computes each ETag under the key's lock (tests/support/moto_server.py): HEADs racing
+    GETs of fresh keys always report the MD5 of the bytes, so the sidecar's trust in the store's ETag is
+    tested against a store that keeps its word."""
+    client = s3_server.direct
+    data = os.urandom(2 * MIB)
+    wrong: list[str] = []
+    for n in range(12):
+        key = f"race-{n}"
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+
+        def get(k: str = key) -> None:
+            client.get_object(Bucket=bucket, Key=k)["Body"].read()
+
+        def head(k: str = key) -> None:
+            etag = client.head_object(Bucket=bucket, Key=k)["ETag"].strip('"')
+            if etag != md5(data):
+                wrong.append(etag)
+
+        threads = [threading.Thread(target=fn) for fn in (get, head, get, head, get, head)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert wrong == []

@@ -89,8 +89,15 @@ class MemoryStore:
             if data is None:
                 return None
             etag = self._etags.get(key) or hashlib.md5(data).hexdigest()
-            md5 = etag if "-" not in etag else self.metadata.get(key, {}).get("md5")
-        return ObjectInfo(key=key, size=len(data), etag=etag, md5=md5)
+            claimed = self.metadata.get(key, {}).get("md5")
+            md5 = etag if "-" not in etag else claimed
+        return ObjectInfo(key=key, size=len(data), etag=etag, md5=md5, claimed_md5=claimed)
+
+    def read_md5(self, key: str) -> str | None:
+        self._enter("GetObject", key)
+        with self._lock:
+            data = self.objects.get(key)
+        return None if data is None else hashlib.md5(data).hexdigest()
 
     def create_multipart(self, key: str, *, md5_hex: str, content_type: str) -> str:
         self._enter("CreateMultipartUpload", key)

@@ -1,4 +1,4 @@
-"""A moto S3 server running as a real subprocess (``python -m moto.server``)."""
+"""A moto S3 server running as a real subprocess (``python -m moto.server`` through ``moto_server.py``)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ class S3Server:
                 env.pop(name, None)
             with self.log_path.open("ab") as log:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+                    [sys.executable, str(Path(__file__).with_name("moto_server.py")), "-H", self.host, "-p",
+                     str(self.port)],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
