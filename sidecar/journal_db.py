@@ -19,6 +19,8 @@ from pathlib import Path
 from sidecar.errors import JournalError
 from sidecar.journal_schema import MIGRATIONS
 
+COMMIT_PROOF_EVERY_S = 5.0
+
 
 class JournalCorrupt(JournalError):
     """The database file is damaged (or empty where a journal was); it can be moved aside and rebuilt."""
@@ -40,11 +42,14 @@ class Database:
             finally:
                 os.umask(old_umask)
             self.identity = self._identity()
+            self._proved_at = -COMMIT_PROOF_EVERY_S
+            self._proof: str | None = None
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL: a commit survives a process crash (kill -9); only a power cut may lose the newest rows,
             # and the startup scan finds those files again.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute("PRAGMA journal_size_limit=4194304")  # the WAL shrinks back after a checkpoint
             self._migrate()
             self._check_integrity()
         except sqlite3.DatabaseError as exc:
@@ -124,8 +129,10 @@ class Database:
         with self._lock:
             self._db.close()
 
-    def problem(self) -> str | None:
-        """None while the journal can commit and is still the file we opened; else what is wrong."""
+    def problem(self, *, commit: bool = False) -> str | None:
+        """None while the journal is still the file we opened (and, with ``commit``, takes a write); else
+        what is wrong. The commit proof is sent at most once per ``COMMIT_PROOF_EVERY_S``: readiness probes
+        may come every second, and each commit is a page in the WAL on the pod's volume."""
         try:
             if self._identity() != self.identity:
                 return f"journal {self.path} was replaced under the running daemon"
@@ -133,11 +140,18 @@ class Database:
             return f"journal {self.path} was deleted under the running daemon"
         except OSError as exc:
             return f"journal {self.path} cannot be checked: {exc.strerror}"
+        if not commit:
+            return None
+        now = time.monotonic()
+        if now - self._proved_at < COMMIT_PROOF_EVERY_S:
+            return self._proof
         try:
             with self._tx() as db:  # a commit, not a read: readiness must prove writes work
                 db.execute("INSERT INTO meta (name, value) VALUES ('ready_probe', ?) "
                            "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (str(self._clock()),))
+            self._proof = None
         except JournalError as exc:
-            return str(exc)
-        return None
+            self._proof = str(exc)
+        self._proved_at = now
+        return self._proof
 

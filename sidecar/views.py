@@ -58,7 +58,7 @@ class Views:
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """Readiness: the journal commits, the watcher is healthy, the store answers and is usable."""
         try:
-            problem = self._journal.problem()
+            problem = self._journal.problem(commit=True)
         except SidecarError as exc:
             problem = str(exc)
         live, _ = self.health()

@@ -182,7 +182,7 @@ def test_damaged_or_empty_journal_is_moved_aside_and_rebuilt(tmp_path: Path, con
         Journal(path)
     journal, moved = open_journal(path)
     assert moved is not None and moved.name.startswith("journal.sqlite3.corrupt-") and moved.read_bytes() == content
-    assert journal.record([cand(b"a.png")]) == [cand(b"a.png")] and journal.problem() is None
+    assert journal.record([cand(b"a.png")]) == [cand(b"a.png")] and journal.problem(commit=True) is None
 
 
 def _as_nobody(fn: Callable[[], str]) -> str:
@@ -233,7 +233,7 @@ def test_deleted_or_replaced_journal_is_detected(tmp_path: Path) -> None:
     """problem() says None while all is well, and names a journal deleted or replaced under us."""
     path = tmp_path / "journal.sqlite3"
     journal = Journal(path)
-    assert journal.problem() is None
+    assert journal.problem(commit=True) is None
     path.rename(tmp_path / "elsewhere")
     assert "deleted" in (journal.problem() or "")
     path.write_bytes(b"")
@@ -255,3 +255,16 @@ def test_non_utf8_paths_round_trip(journal: Journal) -> None:
     name = b"dir/\xff\xfe-\xe9.png"
     journal.record([cand(name)])
     assert journal.claim(1)[0].path == name
+
+
+def test_readiness_proves_the_journal_takes_writes(tmp_path: Path) -> None:
+    """A journal that still reads but no longer commits (here: query_only, as a full or read-only disk
+    behaves) is a problem for readiness; the cheap identity check alone does not write at all."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    wal = tmp_path / "journal.sqlite3-wal"
+    size = wal.stat().st_size if wal.exists() else 0
+    assert journal.problem() is None and (wal.stat().st_size if wal.exists() else 0) == size  # no write
+    journal._db.execute("PRAGMA query_only=ON")
+    problem = journal.problem(commit=True)
+    assert problem is not None and "journal write failed" in problem
+    assert journal.stats()["pending"] == (0, 0)  # reads still work: a read-only probe would have said "fine"
