@@ -218,5 +218,6 @@ def build_daemon(settings: Settings, *, registry: CollectorRegistry | None = Non
                     "reaches this port")
     daemon.http = HttpServer(settings.http_host, settings.http_port, daemon.registry, token=token,
                              health=daemon.views.health, ready=daemon.views.ready, status=daemon.views.status,
-                             on_unauthorized=daemon.metrics.http_unauthorized.inc)
+                             on_unauthorized=daemon.metrics.http_unauthorized.inc,
+                             on_cut=daemon.metrics.http_cut.inc)
     return daemon

@@ -1,175 +1,165 @@
-"""The daemon's one HTTP port: ``/metrics``, ``/healthz``, ``/readyz`` and ``/status``.
+"""The daemon's one HTTP port, served by waitress with limits a public port needs.
 
-Stdlib ``ThreadingHTTPServer`` with daemon threads. The port is bound in the constructor, so a busy port
-fails the start of the daemon instead of being logged from a background thread. With a token, every path
-except ``/healthz`` (the liveness probe) needs ``Authorization: Bearer <token>``: RunPod publishes exposed
-ports on a public URL. The token is compared in constant time and never written to a response or a log.
+waitress (pure Python, no dependencies) reads request heads on one event-loop thread, so a slow or idle client
+costs a socket and a few KiB, never a worker thread; only complete requests reach its small thread pool. It
+caps the request head (``431``) and body, and the number of open connections. What it lacks is a *total*
+deadline: its channel timeout is per read, so a client trickling a byte every few seconds would hold its
+connection forever. :class:`Deadlines` adds one: a connection must send a complete request head within
+``HEAD_DEADLINE_S`` of its accept, and after each answer has that long again to take the answer and send its
+next request head; otherwise it is shut down. While the app computes an answer there is no deadline.
+Only waitress's ``create_server``/``run``/``close`` and its documented settings are used, with a pre-bound
+socket (its documented "socket activation" path).
+
+The port is bound in the constructor, so a busy port fails the start of the daemon instead of being logged from
+a background thread. Routes and authentication live in :mod:`sidecar.http_app`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import hmac
-import json
+import resource
 import socket
-import socketserver
 import threading
 import time
 from collections.abc import Callable
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, cast
-from urllib.parse import urlsplit
+from dataclasses import dataclass
+from typing import Any
+from wsgiref.types import WSGIEnvironment
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from sidecar.errors import ConfigError, SidecarError
+from sidecar.http_app import Probe, Routes
 
 log = structlog.get_logger(__name__)
 
-Probe = Callable[[], tuple[bool, dict[str, Any]]]
-OPEN_PATHS = frozenset({"/healthz"})
-JSON_TYPE = "application/json"
-REQUEST_TIMEOUT_S = 10.0  # a client that stalls mid-request gives its thread back after this
+HEAD_DEADLINE_S = 10.0  # from accept (or the previous answer) to a complete request head; then to the answer's end
+MAX_CONNECTIONS = 1024  # open client connections; beyond it new ones wait in the listen backlog
+FD_RESERVE = 256  # descriptors kept for the daemon itself (journal, inotify, the store's pool)
+MAX_HEADER_BYTES = 16 * 1024
+WORKER_THREADS = 4
 
 
-class _App:
-    """What the handler threads need: the routes' callables and the token."""
-
-    def __init__(
-        self, registry: CollectorRegistry, token: str | None, health: Probe, ready: Probe,
-        status: Callable[[], dict[str, Any]],
-    ) -> None:
-        self.registry = registry
-        self.expected = token.encode("utf-8") if token is not None else None
-        self.health = health
-        self.ready = ready
-        self.status = status
-        self.on_unauthorized: Callable[[], None] = lambda: None
-
-    def authorized(self, header: str | None) -> bool:
-        if self.expected is None:
-            return True
-        scheme, _, presented = (header or "").strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        # Header values arrive decoded as latin-1; re-encoding gives back the bytes the client sent.
-        return hmac.compare_digest(presented.strip().encode("latin-1", "replace"), self.expected)
-
-    def route(self, path: str) -> tuple[int, str, bytes]:
-        """Status, content type and body for a GET of ``path``; callables' exceptions propagate."""
-        if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
-        if path in ("/healthz", "/readyz"):
-            ok, details = (self.health if path == "/healthz" else self.ready)()
-            data: dict[str, Any] = {"ok": bool(ok)}
-            data.update((key, value) for key, value in details.items() if key != "ok")
-            return (200 if ok else 503), JSON_TYPE, _json(data)
-        if path == "/status":
-            return 200, JSON_TYPE, _json(self.status())
-        return 404, JSON_TYPE, _json({"error": "not_found"})
+@dataclass
+class _Connection:
+    sock: socket.socket
+    deadline: float
+    busy: int = 0
 
 
-def _json(data: dict[str, Any]) -> bytes:
-    return json.dumps(data, default=str, sort_keys=False).encode("utf-8") + b"\n"
+class Deadlines:
+    """Every accepted connection, and the moment it must have made progress by."""
 
+    def __init__(self, deadline_s: float = HEAD_DEADLINE_S, on_cut: Callable[[], None] = lambda: None) -> None:
+        self.deadline_s = deadline_s
+        self.on_cut = on_cut
+        self._lock = threading.Lock()
+        self._open: dict[tuple[str, int], _Connection] = {}
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_port = False  # never share the port with a second daemon (some Pythons default to True)
-    app: _App
+    def accepted(self, sock: socket.socket, addr: Any) -> None:
+        with self._lock:
+            self._open[(str(addr[0]), int(addr[1]))] = _Connection(sock, time.monotonic() + self.deadline_s)
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN, a reverse DNS lookup that can hang in a pod.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # The base class prints a traceback on stderr, e.g. when a scraper hangs up mid-response.
-        log.debug("http_connection_error", client=str(client_address[0]), exc_info=True)
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "comfyui-r2-sidecar"
-    sys_version = ""
-    timeout = REQUEST_TIMEOUT_S
-    _started: float | None = None
-    path = ""  # unset by the base class when the request line cannot be parsed
-
-    def version_string(self) -> str:
-        return self.server_version  # no Python version in the Server header
-
-    def do_GET(self) -> None:
-        self._answer(send_body=True)
-
-    def do_HEAD(self) -> None:
-        self._answer(send_body=False)
-
-    def _answer(self, *, send_body: bool) -> None:
-        self._started = time.monotonic()
-        app = cast(_Server, self.server).app
-        path = urlsplit(self.path).path
-        if path not in OPEN_PATHS and not app.authorized(self.headers.get("Authorization")):
-            app.on_unauthorized()
-            body = _json({"error": "unauthorized"})
-            self._send(401, JSON_TYPE, body, send_body, {"WWW-Authenticate": 'Bearer realm="sidecar"'})
-            return
+    def _find(self, environ: WSGIEnvironment) -> _Connection | None:
         try:
-            status, content_type, body = app.route(path)
-        except Exception as exc:  # a probe's bug must not kill the thread or leak its message
-            log.error("http_handler_failed", path=path, error=type(exc).__name__, exc_info=True)
-            status, content_type = 500, JSON_TYPE
-            body = _json({"ok": False, "error": type(exc).__name__})
-        self._send(status, content_type, body, send_body)
-
-    def _send(
-        self, status: int, content_type: str, body: bytes, send_body: bool,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Malformed requests and unsupported methods get a JSON body instead of the stock HTML page."""
-        self.close_connection = True
-        try:
-            phrase = HTTPStatus(code).phrase
+            return self._open.get((str(environ.get("REMOTE_ADDR")), int(environ.get("REMOTE_PORT") or -1)))
         except ValueError:
-            phrase = "error"
-        body = _json({"error": phrase.lower().replace(" ", "_")})
-        send_body = self.command != "HEAD" and code >= 200 and code not in (204, 304)
-        headers = {"Allow": "GET, HEAD"} if code in (405, 501) else None
-        self._send(code, JSON_TYPE, body, send_body, headers)
+            return None
 
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        """One DEBUG line per request; the query string and headers (the token) are never logged."""
-        fields: dict[str, Any] = {
-            "method": self.command,
-            "path": urlsplit(self.path).path,
-            "status": int(code) if str(code).isdigit() else str(code),
-            "client": self.client_address[0],
-        }
-        if self._started is not None:
-            fields["duration_s"] = round(time.monotonic() - self._started, 6)
-        log.debug("http_request", **fields)
+    def begin(self, environ: WSGIEnvironment) -> None:
+        """A complete request reached the app: no deadline while it is being answered."""
+        with self._lock:
+            conn = self._find(environ)
+            if conn is not None:
+                conn.busy += 1
 
-    def log_message(self, format: str, *args: Any) -> None:
-        """Everything else the base class would print on stderr becomes a DEBUG line."""
-        log.debug("http_request", message=format % args, client=self.client_address[0])
+    def end(self, environ: WSGIEnvironment) -> None:
+        """The answer is ready: the client has ``deadline_s`` to take it and send its next request head."""
+        with self._lock:
+            conn = self._find(environ)
+            if conn is not None:
+                conn.busy = max(0, conn.busy - 1)
+                conn.deadline = time.monotonic() + self.deadline_s
+
+    def sweep(self, now: float | None = None) -> int:
+        """Forget closed connections and shut down overdue ones; returns how many were cut."""
+        now = time.monotonic() if now is None else now
+        overdue: list[socket.socket] = []
+        with self._lock:
+            for key, conn in list(self._open.items()):
+                if conn.sock.fileno() == -1:
+                    del self._open[key]
+                elif not conn.busy and now >= conn.deadline:
+                    overdue.append(conn.sock)
+                    del self._open[key]
+        for sock in overdue:
+            _shut(sock)  # the event loop sees end-of-stream and closes the channel itself
+            self.on_cut()
+        return len(overdue)
+
+    def cut_all(self) -> None:
+        with self._lock:
+            socks = [conn.sock for conn in self._open.values()]
+            self._open.clear()
+        for sock in socks:
+            _shut(sock)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(1 for conn in self._open.values() if conn.sock.fileno() != -1)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed by the event loop or by the peer
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Listener(socket.socket):
+    """A listening socket that tells :class:`Deadlines` about each connection it accepts."""
+
+    deadlines: Deadlines
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        conn, addr = super().accept()
+        self.deadlines.accepted(conn, addr)
+        return conn, addr
+
+
+def connection_limit(wanted: int = MAX_CONNECTIONS) -> int:
+    """Raise the soft descriptor limit toward ``wanted`` connections plus a reserve; return what fits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(16, min(wanted, soft - FD_RESERVE))
+
+
+def _bind(host: str, port: int, deadlines: Deadlines) -> _Listener:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = _Listener(family, socket.SOCK_STREAM)
+    sock.deadlines = deadlines
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))  # no SO_REUSEPORT: a second daemon must not share the port
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise SidecarError(
+                f"cannot listen on {host}:{port}: address already in use; stop the other process "
+                "or set SIDECAR_HTTP_PORT to a free port"
+            ) from exc
+        raise SidecarError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock
 
 
 class HttpServer:
@@ -182,53 +172,79 @@ class HttpServer:
     def __init__(
         self, host: str, port: int, registry: CollectorRegistry, *, token: str | None, health: Probe,
         ready: Probe, status: Callable[[], dict[str, Any]], on_unauthorized: Callable[[], None] = lambda: None,
+        on_cut: Callable[[], None] = lambda: None, deadline_s: float = HEAD_DEADLINE_S,
     ) -> None:
         if token is not None and (not token or any(char.isspace() for char in token)):
             raise ConfigError(
                 "SIDECAR_HTTP_TOKEN: empty or contains whitespace; unset it to disable auth or set one word"
             )
-        server_class = _Server6 if ":" in host else _Server
-        try:
-            self._server = server_class((host, port), _Handler)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise SidecarError(
-                    f"cannot listen on {host}:{port}: address already in use; stop the other process "
-                    "or set SIDECAR_HTTP_PORT to a free port"
-                ) from exc
-            raise SidecarError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-        self._server.app = _App(registry, token, health, ready, status)
-        self._server.app.on_unauthorized = on_unauthorized  # a refused request: counted by the caller
+        self.routes = Routes(
+            registry, token=token, health=health, ready=ready, status=status, on_unauthorized=on_unauthorized,
+        )
+        self.deadlines = Deadlines(deadline_s, on_cut)
+        self.routes.on_begin = self.deadlines.begin
+        self.routes.on_end = self.deadlines.end
+        self._sock = _bind(host, port, self.deadlines)
         self._host = host
-        self._thread: threading.Thread | None = None
+        self._port = int(self._sock.getsockname()[1])
+        self._server: Any = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
         self._closed = False
+        self.connection_limit = connection_limit()
 
     @property
     def port(self) -> int:
         """The bound port (the kernel's choice when 0 was asked for)."""
-        return int(self._server.server_address[1])
+        return self._port
 
     def start(self) -> None:
-        """Serve requests on a daemon thread until stop()."""
-        if self._thread is not None or self._closed:
+        """Serve requests on daemon threads until stop()."""
+        if self._server is not None or self._closed:
             raise RuntimeError("HttpServer.start() may be called once, before stop()")
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="sidecar-http",
-            daemon=True,
+        from waitress import create_server  # noqa: PLC0415 - only the daemon needs the server
+
+        self._server = create_server(
+            self.routes, sockets=[self._sock], threads=WORKER_THREADS, ident="comfyui-r2-sidecar",
+            connection_limit=self.connection_limit, backlog=1024, max_request_header_size=MAX_HEADER_BYTES,
+            max_request_body_size=1024, channel_timeout=2 * self.deadlines.deadline_s, cleanup_interval=2,
+            asyncore_use_poll=True, asyncore_loop_timeout=0.5, expose_tracebacks=False,
+            log_socket_errors=False, clear_untrusted_proxy_headers=True,
         )
-        self._thread.start()
-        log.info("http_started", host=self._host, port=self.port, auth=self._server.app.expected is not None)
+        self._threads = [
+            threading.Thread(target=self._serve, name="sidecar-http", daemon=True),
+            threading.Thread(target=self._sweep, name="sidecar-http-deadlines", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        log.info("http_started", host=self._host, port=self.port, auth=self.routes.expected is not None,
+                 max_connections=self.connection_limit)
+
+    def _serve(self) -> None:
+        try:
+            self._server.run()
+        except Exception:  # closing from stop() can race the loop; anything else is worth a line
+            if not self._stopping.is_set():
+                log.error("http_server_failed", exc_info=True)
+
+    def _sweep(self) -> None:
+        while not self._stopping.wait(0.5):
+            self.deadlines.sweep()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop serving, close the socket and join the thread. Safe to call twice or without start()."""
+        """Stop serving, close the port and every connection. Safe to call twice or without start()."""
         if self._closed:
             return
         self._closed = True
-        if self._thread is not None:
-            self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        self._stopping.set()
+        if self._server is not None:
+            with contextlib.suppress(OSError):
+                self._server.close()  # the listener and the loop's wake-up pipe
+        self._sock.close()
+        self.deadlines.cut_all()  # with every channel gone the event loop returns
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         log.info("http_stopped", port=self.port)
 
     def __enter__(self) -> HttpServer:

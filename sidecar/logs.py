@@ -29,7 +29,7 @@ FORMATS = ("auto", "json", "console")
 LEADING_KEYS = ("timestamp", "level", "event", "logger")
 # Chatty libraries whose DEBUG/INFO lines (request dumps, connection pool churn) are noise or may carry
 # signed headers; only their warnings reach our log.
-QUIET_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
+QUIET_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "waitress")
 
 _handler_lock = threading.Lock()
 _installed_handler: logging.Handler | None = None

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -29,6 +38,10 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # The standard process_*, python_info and python_gc_* families, as on the library's default registry.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
         self.files_discovered = Counter(
             "sidecar_files_discovered_total", "Files found ready to upload, by how they were found.",
             ["source"], registry=registry,
@@ -109,6 +122,11 @@ class Metrics:
         )
         self.http_unauthorized = Counter(
             "sidecar_http_unauthorized_total", "Requests refused for a missing or wrong bearer token.",
+            registry=registry,
+        )
+        self.http_cut = Counter(
+            "sidecar_http_connections_cut_total",
+            "Client connections shut down for missing their deadline (a request head or an answer too slow).",
             registry=registry,
         )
         self.journal_problems = Counter(

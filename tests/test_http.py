@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import gzip
+import http.client
 import io
 import json
+import resource
+import select
 import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -191,30 +199,43 @@ def test_head_has_headers_but_no_body(make: Make) -> None:
 
 
 def test_unsupported_method_is_json(make: Make) -> None:
-    """A POST gets 501 with a JSON body instead of the stock HTML page."""
+    """A POST gets 405 with a JSON body and the methods that are served."""
     reply = request(make().port, "/status", method="POST")
-    assert reply.status == 501
-    assert reply.json() == {"error": "not_implemented"}
+    assert reply.status == 405
+    assert reply.headers["allow"] == "GET, HEAD"
+    assert reply.json() == {"error": "method_not_allowed"}
+
+
+def _raw_exchange(port: int, raw: bytes) -> bytes:
+    """Send ``raw`` and read until the server closes; a reset (the server closed on unread input) reads as b''."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        try:
+            conn.sendall(raw)
+            return conn.makefile("rb").read()
+        except ConnectionResetError:
+            return b""
 
 
 @pytest.mark.parametrize(
-    ("raw", "status"),
-    [(b"GARBAGE\r\n\r\n", 400), (b"GET /x HTTP/9.9\r\n\r\n", 505), (b"GET /" + b"a" * 70000 + b"\r\n", 414)],
+    ("raw", "statuses"),
+    [
+        (b"GARBAGE\r\n\r\n", {b"400"}),
+        (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", {b"431", b""}),
+        (b"GET /status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 40000 + b"\r\n\r\n", {b"431", b""}),
+        (b"GET /status HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\n\r\n" + b"c" * 4096, {b"413"}),
+    ],
+    ids=["garbage", "long-request-line", "header-over-cap", "body-over-cap"],
 )
-def test_malformed_request_gets_json_error(
-    make: Make, raw: bytes, status: int, log_stream: io.StringIO
+def test_malformed_or_oversized_requests_are_refused(
+    make: Make, raw: bytes, statuses: set[bytes], log_stream: io.StringIO
 ) -> None:
-    """A malformed request line gets a JSON error body instead of a dropped connection."""
+    """Garbage gets 400; a head over 16 KiB gets 431 or a closed connection; a body gets 413. None reach the app."""
     port = make().port
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        conn.sendall(raw)
-        response = conn.makefile("rb").read()
-    # Without a parsable HTTP/1.x request line the base class answers HTTP/0.9 style: body only.
-    head, _, body = response.rpartition(b"\r\n\r\n")
-    if head:
-        assert head.split(b" ")[1] == str(status).encode()
-    assert json.loads(body)["error"] == HTTPStatus(status).phrase.lower().replace(" ", "_")
-    assert not [e for e in _events(log_stream) if e["event"] == "http_connection_error"]
+    response = _raw_exchange(port, raw)
+    status = response.split(b" ", 2)[1] if response else b""
+    assert status in statuses, response[:200]
+    assert not [e for e in _events(log_stream) if e["event"] in ("http_request", "http_handler_failed")]
+    assert request(port, "/healthz").status == 200, "the server keeps serving"
 
 
 def test_probe_exception_is_500_with_class_only(make: Make, probes: Probes, log_stream: io.StringIO) -> None:
@@ -340,3 +361,114 @@ def test_empty_token_is_refused(make: Make) -> None:
     for token in ("", "two words", "tab\t"):
         with pytest.raises(ConfigError, match="SIDECAR_HTTP_TOKEN"):
             make(token=token)
+
+
+def _get(port: int, path: str, headers: dict[str, str]) -> Reply:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+    with OPENER.open(req, timeout=5) as resp:
+        return Reply(resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read())
+
+
+def test_metrics_negotiates_openmetrics_and_gzip(make: Make) -> None:
+    """A scraper asking for OpenMetrics gets it (ending in # EOF); one accepting gzip gets it compressed."""
+    port = make().port
+    open_metrics = _get(port, "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert open_metrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert open_metrics.body.endswith(b"# EOF\n")
+    assert b"sidecar_uploads_total{outcome=\"success\"} 1.0" in open_metrics.body
+    zipped = _get(port, "/metrics", {"Accept-Encoding": "gzip"})
+    assert zipped.headers["content-encoding"] == "gzip"
+    assert b'sidecar_uploads_total{outcome="success"} 1.0' in gzip.decompress(zipped.body)
+    assert zipped.headers["cache-control"] == "no-store"
+
+
+def test_metrics_include_the_standard_process_families(make: Make) -> None:
+    """process_* (memory, CPU, descriptors), python_info and python_gc_* are exported beside the sidecar's own."""
+    text = request(make().port, "/metrics").body.decode()
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
+                 "process_max_fds", "python_info", "python_gc_collections_total"):
+        assert f"\n{name}" in text, name
+
+
+def _trickle(port: int, stop: threading.Event, every_s: float) -> float:
+    """Send a never-ending request head a byte at a time; return how long until the server cut it."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+        try:
+            while not stop.is_set() and time.monotonic() - started < 8.0:
+                conn.sendall(b"X-A: b\r\n")
+                readable, _, _ = select.select([conn], [], [], every_s)
+                if readable and conn.recv(1024) == b"":
+                    break
+        except OSError:
+            pass
+        return time.monotonic() - started
+
+
+def test_a_trickling_request_head_is_cut_at_its_total_deadline(probes: Probes, registry: CollectorRegistry) -> None:
+    """A client that keeps sending header bytes but never ends its head is shut down after the deadline."""
+    cuts: list[int] = []
+    server = HttpServer("127.0.0.1", 0, registry, token=None, health=probes.health_probe,
+                        ready=probes.ready_probe, status=probes.status_probe, on_cut=lambda: cuts.append(1),
+                        deadline_s=1.0)
+    server.start()
+    stop = threading.Event()
+    try:
+        held = _trickle(server.port, stop, every_s=0.2)
+    finally:
+        stop.set()
+        server.stop()
+    assert 1.0 <= held < 8.0, "per-read timeouts alone would have kept it open until the test stopped it"
+    assert cuts == [1]
+
+
+def test_an_idle_keepalive_connection_is_cut_but_a_slow_answer_is_not(
+    probes: Probes, registry: CollectorRegistry
+) -> None:
+    """The deadline runs while the client owes a request, not while the app computes the answer."""
+    cuts: list[int] = []
+    release = threading.Event()
+
+    def slow_status() -> dict[str, Any]:
+        release.wait(2.5)  # longer than the deadline
+        return {"slow": True}
+
+    server = HttpServer("127.0.0.1", 0, registry, token=None, health=probes.health_probe,
+                        ready=probes.ready_probe, status=slow_status, on_cut=lambda: cuts.append(1),
+                        deadline_s=1.0)
+    server.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/status")
+        answer = conn.getresponse()
+        assert (answer.status, json.loads(answer.read())) == (200, {"slow": True})
+        assert cuts == []
+        idle_from = time.monotonic()
+        sock = conn.sock
+        assert sock is not None
+        readable, _, _ = select.select([sock], [], [], 8.0)
+        assert readable and sock.recv(1) == b"", "the idle keep-alive connection was closed by the server"
+        assert time.monotonic() - idle_from >= 0.9
+        assert cuts == [1]
+        conn.close()
+    finally:
+        server.stop()
+
+
+def test_connection_limit_raises_the_descriptor_limit_or_fits_under_it() -> None:
+    """With room under the hard limit the soft limit is raised; without, the limit shrinks to what fits."""
+    script = textwrap.dedent("""
+        import resource, sys
+        from sidecar.http import connection_limit
+        soft, hard = map(int, sys.argv[1:3])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        print(connection_limit(1024), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    """)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1280:
+        pytest.skip(f"this machine's hard descriptor limit ({hard}) is below 1280")
+    raised = subprocess.run([sys.executable, "-c", script, "300", "2000"], capture_output=True, text=True, check=True)
+    assert raised.stdout.split() == ["1024", "1280"]
+    capped = subprocess.run([sys.executable, "-c", script, "300", "300"], capture_output=True, text=True, check=True)
+    assert capped.stdout.split() == ["44", "300"]
