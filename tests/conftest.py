@@ -15,6 +15,7 @@ if _TESTS_DIR not in sys.path:  # importlib import mode does not put tests/ on s
     sys.path.insert(0, _TESTS_DIR)
 
 from support.daemon import DaemonProcess  # noqa: E402
+from support.e2e import World  # noqa: E402
 from support.proxy import R2Proxy  # noqa: E402
 from support.s3server import S3Server  # noqa: E402
 from support.tls import TlsFiles, make_tls_files  # noqa: E402
@@ -88,3 +89,13 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def world(tmp_path: Path, s3_server: S3Server, r2_proxy: R2Proxy, bucket: str) -> Iterator[World]:
+    """A watched folder, a state folder and a bucket behind the strict https proxy; daemons stopped after."""
+    w = World(tmp_path, s3_server, r2_proxy, bucket)
+    try:
+        yield w
+    finally:
+        w.close()

@@ -7,26 +7,14 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.container import report
 from support.e2e import World
-from support.proxy import R2Proxy
-from support.s3server import S3Server
 from support.waiting import wait_until
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def world(tmp_path: Path, s3_server: S3Server, r2_proxy: R2Proxy, bucket: str) -> Iterator[World]:
-    w = World(tmp_path, s3_server, r2_proxy, bucket)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def test_second_run_and_scan_beside_a_daemon_exit_2_and_abort_nothing(world: World) -> None:

@@ -13,9 +13,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from support.e2e import (
@@ -27,19 +25,9 @@ from support.e2e import (
     write_renamed_while_open,
     write_via_tmp,
 )
-from support.proxy import R2Proxy
-from support.s3server import S3Server
 from support.waiting import wait_until
 
 CHUNK_PAUSE_S = 0.12  # longer than SIDECAR_SETTLE_S (0.05): a held, growing file must not look settled
-
-
-@pytest.fixture
-def world(tmp_path: Path, s3_server: S3Server, r2_proxy: R2Proxy, bucket: str) -> Iterator[World]:
-    """A watched folder, a state folder and a bucket behind the strict https proxy; daemons stopped after."""
-    w = World(tmp_path, s3_server, r2_proxy, bucket)
-    yield w
-    w.close()
 
 
 def payload(rng: random.Random) -> bytes:

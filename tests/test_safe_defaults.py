@@ -6,26 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.e2e import World
-from support.proxy import R2Proxy
-from support.s3server import S3Server
 from support.waiting import wait_until
 
 from sidecar.config import DEFAULT_EXTENSIONS
 from sidecar.filters import PathFilter
-
-
-@pytest.fixture
-def world(tmp_path: Path, s3_server: S3Server, r2_proxy: R2Proxy, bucket: str) -> Iterator[World]:
-    w = World(tmp_path, s3_server, r2_proxy, bucket)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 @pytest.mark.parametrize("planted", ["hardlink", "symlink-to-journal", "fifo"])
