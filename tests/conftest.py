@@ -99,3 +99,21 @@ def world(tmp_path: Path, s3_server: S3Server, r2_proxy: R2Proxy, bucket: str) -
         yield w
     finally:
         w.close()
+
+
+HINTS = {  # a fragment of a skip reason -> how to get what the skipped tests need
+    "apt-get install -y prometheus": "install Debian's prometheus package (apt-get install -y prometheus) for promtool",
+    "SIDECAR_TEST_IMAGE": "run `bash .ci/run` (it builds the image and runs the container suite against it)",
+}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per missing tool at the end of a run that skipped tests for it, with how to get it."""
+    counts = dict.fromkeys(HINTS, 0)
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        for fragment in HINTS:
+            counts[fragment] += fragment in reason
+    for fragment, count in counts.items():
+        if count:
+            terminalreporter.write_line(f"{count} test(s) skipped: to run them, {HINTS[fragment]}")

@@ -7,9 +7,11 @@ promtool tests skip, the pure-Python checks still run.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +152,20 @@ def test_dashboard_shape() -> None:
                    "sidecar_end_to_end_latency_seconds_bucket", "sidecar_uploaded_bytes_total",
                    "sidecar_watcher_up", "sidecar_s3_requests_total"):
         assert needle in joined, needle
+
+
+def test_a_run_without_promtool_ends_with_how_to_get_it(tmp_path: Path) -> None:
+    """Plain pytest on a machine without promtool skips those tests and says, in one line, how to get it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "promtool_check"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": str(bin_dir)},
+        cwd=Path(__file__).resolve().parent.parent, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(
+        r"^\d+ test\(s\) skipped: to run them, install Debian's prometheus package "
+        r"\(apt-get install -y prometheus\) for promtool$", result.stdout, flags=re.MULTILINE,
+    ), result.stdout
