@@ -1,4 +1,4 @@
-"""The ``sidecar`` command: run, scan, check, config, status, retry-failed, demo.
+"""The ``sidecar`` command: run, scan, check, config, status, retry-failed, prune, demo.
 
 Every command turns a :class:`ConfigError` into exit status 2 and one line on stderr, and any other
 :class:`SidecarError` into status 1 and one line — never a traceback, never a secret.
@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("config", help="print the effective configuration as JSON, secrets redacted")
     sub.add_parser("status", help="print the running daemon's /status")
     sub.add_parser("retry-failed", help="put every failed file back in the queue")
+    prune = sub.add_parser("prune", help="delete local files that are safely uploaded, by the retention policies; "
+                           "exit 1 if a policy is still exceeded")
+    prune.add_argument("--dry-run", action="store_true", help="log what would be deleted, delete nothing")
     demo = sub.add_parser("demo", help="local S3 server + demo folder + sample images, until Ctrl-C")
     demo.add_argument("--once", action="store_true", help="exit by itself once the samples are uploaded")
     demo.add_argument("--dir", default="sidecar-demo", help="demo folder (default ./sidecar-demo)")
@@ -69,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "run": cmd_run, "scan": cmd_scan, "check": cmd_check, "config": cmd_config, "status": cmd_status,
-        "retry-failed": cmd_retry_failed, "demo": cmd_demo,
+        "retry-failed": cmd_retry_failed, "demo": cmd_demo, "prune": cmd_prune,
     }
     try:
         return commands[args.command](args)
@@ -246,6 +249,12 @@ def cmd_retry_failed(_: argparse.Namespace) -> int:
     finally:
         journal.close()
     return EXIT_OK
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from sidecar.prune import run_prune  # noqa: PLC0415
+
+    return run_prune(_settings(), dry_run=bool(args.dry_run))
 
 
 def cmd_status(_: argparse.Namespace) -> int:

@@ -7,19 +7,19 @@ variable; secret values are never echoed.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sidecar.addresses import check_endpoint_url, is_loopback
 from sidecar.errors import ConfigError
+from sidecar.sizes import parse_bytes, parse_floor
 
 ENV_PREFIX = "SIDECAR_"
 SECRETS_DIR_VAR = "SIDECAR_SECRETS_DIR"
@@ -33,39 +33,6 @@ CommaList = Annotated[list[str], NoDecode]
 MIN_TOKEN_CHARS = 16
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
-
-
-def is_loopback(host: str) -> bool:
-    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_endpoint_url(value: str) -> str:
-    """An endpoint URL that botocore will take: http(s), a host without spaces, a numeric port, no user
-    or password, no query. Errors never repeat the value (it may carry a password)."""
-    if not value:
-        return value
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError:
-        raise ValueError("is not a valid URL (check the port, and brackets around an IPv6 address)") from None
-    if parts.scheme not in ("http", "https"):
-        raise ValueError("must start with http:// or https://")
-    if "@" in parts.netloc:
-        raise ValueError("must not carry a user or password (use SIDECAR_ACCESS_KEY_ID / SIDECAR_SECRET_ACCESS_KEY)")
-    if not parts.hostname or any(ch.isspace() for ch in value):
-        raise ValueError("needs a host name, and no spaces")
-    if parts.query or parts.fragment:
-        raise ValueError("must not have a query or fragment")
-    if port == 0:
-        raise ValueError("has port 0")
-    return value.rstrip("/")
 
 
 def _split_commas(value: Any) -> Any:
@@ -122,7 +89,35 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    @field_validator("extensions", "include", "exclude", mode="before")
+    # What to delete once it is safely stored (all off by default; sidecar.retention).
+    delete_after_s: float | None = Field(default=None, ge=0)
+    disk_min_free: str = ""  # a size or a percentage of the watched filesystem
+    keep_max_bytes: str = ""  # a size
+    retention_include: CommaList = Field(default_factory=list)
+    retention_exclude: CommaList = Field(default_factory=list)
+    retention_dry_run: bool = False
+    retention_rate: float = Field(default=20.0, gt=0, le=10_000)  # deletions per second at most
+
+    @field_validator("delete_after_s", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("disk_min_free")
+    @classmethod
+    def _check_floor(cls, value: str) -> str:
+        if value.strip():
+            parse_floor(value)
+        return value.strip()
+
+    @field_validator("keep_max_bytes")
+    @classmethod
+    def _check_size(cls, value: str) -> str:
+        if value.strip() and parse_bytes(value) <= 0:
+            raise ValueError("must be more than 0 bytes")
+        return value.strip()
+
+    @field_validator("extensions", "include", "exclude", "retention_include", "retention_exclude", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
@@ -201,6 +196,10 @@ class Settings(BaseSettings):
     @property
     def part_size(self) -> int:
         return self.part_size_mb * MIB
+
+    @property
+    def retention_on(self) -> bool:
+        return self.delete_after_s is not None or bool(self.disk_min_free) or bool(self.keep_max_bytes)
 
     @property
     def journal_path(self) -> Path:

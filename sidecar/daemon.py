@@ -24,8 +24,9 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from sidecar import __version__
+from sidecar.addresses import is_loopback
 from sidecar.backoff import RetryPolicy
-from sidecar.config import Settings, is_loopback
+from sidecar.config import Settings
 from sidecar.errors import ConfigError, SidecarError, StoreError
 from sidecar.filters import PathFilter
 from sidecar.folders import check_folders
@@ -34,7 +35,8 @@ from sidecar.intake import Intake
 from sidecar.journal import FAILED, PENDING, UPLOADED, open_journal
 from sidecar.keys import KeyBuilder
 from sidecar.maintenance import Maintenance
-from sidecar.metrics import STORE_STATES, JournalCollector, Metrics
+from sidecar.metrics import STORE_STATES, DiskCollector, JournalCollector, Metrics
+from sidecar.retention import Retention, disk_usage
 from sidecar.scanner import Scanner
 from sidecar.settle import Settler
 from sidecar.statelock import StateLock
@@ -69,6 +71,9 @@ class Daemon:
             log.error("journal_rebuilt", moved_to=str(moved), action="rescanning the tree; stored files are "
                       "recognised by a 412 and a HEAD, not uploaded again")
         self.registry.register(JournalCollector(self.journal.stats, self.journal.oldest_pending_age))
+        self.registry.register(DiskCollector(lambda: disk_usage(self.root)))
+        self.retention = (Retention(settings, journal=self.journal, metrics=self.metrics)
+                          if settings.retention_on else None)
         self.fatal = threading.Event()
         self.fatal_reason = ""
         self._stop = threading.Event()
@@ -111,7 +116,8 @@ class Daemon:
         )
         self.views = Views(settings=settings, journal=self.journal, uploader=self.uploader, settler=self.settler,
                            watcher=self.watcher, canary=self.canary, maintenance=self.maintenance,
-                           health=self.health, endpoint=self.store.endpoint, threads=lambda: self._threads)
+                           health=self.health, endpoint=self.store.endpoint, threads=lambda: self._threads,
+                           retention=self.retention)
         self.http: Any = None
 
     # -- wiring callbacks ------------------------------------------------------------------------------
@@ -171,6 +177,9 @@ class Daemon:
         self.maintenance.request_scan("startup")
         self._spawn("maintenance", lambda: self.maintenance.run(self._stop))
         self._spawn("store-probe", self.probe.run)
+        if self.retention is not None:
+            retention = self.retention
+            self._spawn("retention", lambda: retention.run(self._stop))
         log.info("daemon_started", watcher_mode=self.watcher.mode, workers=self.settings.workers)
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:

@@ -6,7 +6,7 @@ describe the last *successful* upload and survive a change, so the uploader can 
 rewrite (no request) from new content under a reused name (a new key). An outcome written for a version
 older than the one recorded since (the file changed during its upload) sends the row back to
 ``pending`` instead: a newer version is never parked untried. Every SQL statement of the project lives
-in this module.
+in this module and in :mod:`sidecar.journal_retention` (uploaded → deleted).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from sidecar.journal_db import Database, JournalCorrupt
+from sidecar.journal_db import JournalCorrupt
+from sidecar.journal_retention import RetentionLedger
 from sidecar.journal_schema import (
+    DELETED,
     FAILED,
     MIGRATIONS,
     PENDING,
@@ -32,8 +34,11 @@ from sidecar.journal_schema import (
     Version,
     row_of,
 )
+from sidecar.journal_schema import SAME_VERSION as _SAME
+from sidecar.journal_schema import claimed as _claimed
 
 __all__ = [
+    "DELETED",
     "FAILED",
     "MIGRATIONS",
     "PENDING",
@@ -48,17 +53,8 @@ __all__ = [
     "open_journal",
 ]
 
-# The row still holds the version that was claimed: no newer one was recorded during the attempt.
-_SAME = "(size = :csize AND mtime_ns = :cmtime AND ino = :cino AND ctime_ns = :cctime)"
-
-
-def _claimed(version: Version) -> dict[str, int]:
-    size, mtime, ino, ctime = version
-    return {"csize": size, "cmtime": mtime, "cino": ino, "cctime": ctime}
-
-
-class Journal(Database):
-    """The file state machine on the journal database. Thread-safe."""
+class Journal(RetentionLedger):
+    """The file state machine on the journal database (retention's transitions in the base). Thread-safe."""
 
     # -- discovery ----------------------------------------------------------------------------------
 
@@ -83,7 +79,8 @@ class Journal(Database):
                         -- a row in flight stays claimed (no second worker); its outcome re-queues it
                         state = CASE files.state WHEN 'uploading' THEN 'uploading' ELSE 'pending' END,
                         source = excluded.source, attempts = 0, next_attempt_at = 0, last_error = NULL,
-                        error_class = NULL, discovered_at = excluded.discovered_at, updated_at = excluded.updated_at
+                        error_class = NULL, discovered_at = excluded.discovered_at, updated_at = excluded.updated_at,
+                        deleted_at = NULL, delete_reason = NULL
                     WHERE files.size != excluded.size OR files.mtime_ns != excluded.mtime_ns
                         OR files.ino != excluded.ino OR files.ctime_ns != excluded.ctime_ns
                         OR files.state = 'skipped'

@@ -2,9 +2,12 @@
 
 States of a file row::
 
-    pending ──claim──▶ uploading ──▶ uploaded
+    pending ──claim──▶ uploading ──▶ uploaded ──retention──▶ deleted   (the local copy removed, or gone)
        ▲                  │  ├─────▶ failed    (permanent error or attempts exhausted; ``requeue_failed``)
        └──── retry ◀──────┘  └─────▶ skipped   (vanished, not a regular file, outside the root)
+
+A new file at the path of any row (a ``deleted`` one included) makes it ``pending`` again; its ``md5`` and
+``key`` still describe the last upload, so new bytes under a reused name go to a variant key.
 
 A *version* of a file is (size, mtime, inode, ctime): a same-size, same-mtime replacement renamed over a
 file has another inode, and a rewrite that restores the mtime (``touch -d``) still moves the ctime.
@@ -22,7 +25,8 @@ UPLOADING = "uploading"
 UPLOADED = "uploaded"
 FAILED = "failed"
 SKIPPED = "skipped"
-STATES = (PENDING, UPLOADING, UPLOADED, FAILED, SKIPPED)
+DELETED = "deleted"
+STATES = (PENDING, UPLOADING, UPLOADED, FAILED, SKIPPED, DELETED)
 
 # Each entry migrates the schema from version N to N+1; PRAGMA user_version records how far we are.
 MIGRATIONS: tuple[str, ...] = (
@@ -57,10 +61,26 @@ MIGRATIONS: tuple[str, ...] = (
     -- small facts of the journal itself; 'ready_probe' is rewritten by every readiness check
     CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    """
+    -- retention: when and why the local copy of an uploaded file was deleted (sidecar.retention)
+    ALTER TABLE files ADD COLUMN deleted_at REAL;
+    ALTER TABLE files ADD COLUMN delete_reason TEXT;
+    CREATE INDEX files_uploaded ON files (state, uploaded_at);
+    """,
 )
 
 Version = tuple[int, int, int, int]
 """(size, mtime_ns, inode, ctime_ns) of one version of a file."""
+
+
+# SQL: the row still holds the version that was claimed (no newer one was recorded since); see claimed().
+SAME_VERSION = "(size = :csize AND mtime_ns = :cmtime AND ino = :cino AND ctime_ns = :cctime)"
+
+
+def claimed(version: Version) -> dict[str, int]:
+    """The parameters of SAME_VERSION for ``version``."""
+    size, mtime, ino, ctime = version
+    return {"csize": size, "cmtime": mtime, "cino": ino, "cctime": ctime}
 
 
 def version_of(st: os.stat_result) -> Version:

@@ -34,14 +34,13 @@ def relative(root: Path, path: str | bytes) -> bytes | None:
     return raw[len(base):] if raw.startswith(base) and len(raw) > len(base) else None
 
 
-def open_regular(root: Path, relpath: bytes) -> tuple[int, os.stat_result]:
-    """Open a file below ``root`` read-only; raise :class:`SourceFileError` with a bounded reason if unfit.
-
-    Reasons: ``vanished``, ``symlink``, ``outside_root``, ``not_regular``, ``unreadable``.
+def open_parent(root: Path, relpath: bytes) -> tuple[int, bytes]:
+    """A descriptor of the folder holding ``relpath`` below ``root``, and the file's name in it.
 
     The path is walked one folder at a time from a descriptor of the root (``openat`` with ``O_NOFOLLOW``),
     so no link below the root is ever followed, not even one swapped in for a folder while we look: a
-    resolve-then-open leaves that window open. Every failure, including a race, is one of the reasons.
+    resolve-then-open leaves that window open. Raises :class:`SourceFileError` (``vanished``,
+    ``outside_root``, ``unreadable``); the caller closes the descriptor.
     """
     shown = os.fsdecode(relpath)
     parts = relpath.split(b"/")
@@ -51,18 +50,30 @@ def open_regular(root: Path, relpath: bytes) -> tuple[int, os.stat_result]:
         folder = os.open(os.fsencode(root), FOLDER_FLAGS & ~os.O_NOFOLLOW)  # the root itself may be a link
     except OSError as exc:
         raise source_error(exc, shown) from None
-    try:
-        for part in parts[:-1]:
-            try:
-                inner = os.open(part, FOLDER_FLAGS, dir_fd=folder)
-            except OSError as exc:
-                raise source_error(exc, shown, _folder_reason(exc, part, folder)) from None
-            os.close(folder)
-            folder = inner
+    for part in parts[:-1]:
         try:
-            fd = os.open(parts[-1], OPEN_FLAGS, dir_fd=folder)
+            inner = os.open(part, FOLDER_FLAGS, dir_fd=folder)
         except OSError as exc:
-            raise source_error(exc, shown) from None
+            reason = _folder_reason(exc, part, folder)
+            os.close(folder)
+            raise source_error(exc, shown, reason) from None
+        os.close(folder)
+        folder = inner
+    return folder, parts[-1]
+
+
+def open_regular(root: Path, relpath: bytes) -> tuple[int, os.stat_result]:
+    """Open a file below ``root`` read-only; raise :class:`SourceFileError` with a bounded reason if unfit.
+
+    Reasons: ``vanished``, ``symlink``, ``outside_root``, ``not_regular``, ``unreadable``. Every failure,
+    including a race with a rename, is one of the reasons (see :func:`open_parent`).
+    """
+    shown = os.fsdecode(relpath)
+    folder, name = open_parent(root, relpath)
+    try:
+        fd = os.open(name, OPEN_FLAGS, dir_fd=folder)
+    except OSError as exc:
+        raise source_error(exc, shown) from None
     finally:
         os.close(folder)
     st = os.fstat(fd)

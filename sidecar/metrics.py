@@ -30,6 +30,7 @@ STORE_STATES = ("up", "down", "broken", "unknown")
 JOURNAL_PROBLEMS = ("rebuilt", "deleted", "replaced", "commit_failed")
 # Canary verdicts (sidecar.health) plus the daemon's fallback to polling when the watch limit skipped a folder.
 WATCHER_RESTART_REASONS = (*REASONS, "watch_limit", "mount_changed")
+RETENTION_POLICIES = ("age", "disk_free", "keep_max")
 SIZE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 
 
@@ -124,6 +125,19 @@ class Metrics:
             "sidecar_http_unauthorized_total", "Requests refused for a missing or wrong bearer token.",
             registry=registry,
         )
+        self.retention_deleted = Counter(
+            "sidecar_retention_deleted_total", "Local files deleted by retention after a verified upload, by policy.",
+            ["reason"], registry=registry,
+        )
+        self.retention_deleted_bytes = Counter(
+            "sidecar_retention_deleted_bytes_total", "Bytes of local files deleted by retention, by policy.",
+            ["reason"], registry=registry,
+        )
+        self.retention_kept = Counter(
+            "sidecar_retention_kept_total",
+            "Files retention would have deleted but the safety rule kept (changed, writing, digest, ...).",
+            ["reason"], registry=registry,
+        )
         self.http_cut = Counter(
             "sidecar_http_connections_cut_total",
             "Client connections shut down for missing their deadline (a request head or an answer too slow).",
@@ -146,6 +160,9 @@ class Metrics:
             self.files_discovered.labels(source=source)
         for reason in WATCHER_RESTART_REASONS:
             self.watcher_restarts.labels(reason=reason)
+        for reason in RETENTION_POLICIES:
+            self.retention_deleted.labels(reason=reason)
+            self.retention_deleted_bytes.labels(reason=reason)
 
 
 QueueStats = dict[str, tuple[int, int]]
@@ -170,3 +187,20 @@ class JournalCollector(Collector):
             "sidecar_oldest_pending_age_seconds", "Age of the oldest file waiting to be uploaded (0 if none).",
             value=self._oldest(),
         )
+
+
+class DiskCollector(Collector):
+    """Free and total bytes of the filesystem holding the watched folder, read at scrape time."""
+
+    def __init__(self, usage: Callable[[], tuple[int, int]]) -> None:
+        self._usage = usage
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            free, total = self._usage()
+        except OSError:
+            return
+        yield GaugeMetricFamily("sidecar_disk_free_bytes", "Bytes free (for unprivileged users) on the "
+                                "filesystem of the watched folder.", value=free)
+        yield GaugeMetricFamily("sidecar_disk_total_bytes", "Size of the filesystem of the watched folder.",
+                                value=total)

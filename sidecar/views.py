@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from sidecar.health import Canary
     from sidecar.journal import Journal
     from sidecar.maintenance import Maintenance
+    from sidecar.retention import Retention
     from sidecar.settle import Settler
     from sidecar.store_health import StoreHealth
     from sidecar.uploader import Uploader
@@ -33,7 +34,7 @@ class Views:
     def __init__(
         self, *, settings: Settings, journal: Journal, uploader: Uploader, settler: Settler, watcher: Watcher,
         canary: Canary, maintenance: Maintenance, health: StoreHealth, endpoint: str,
-        threads: Callable[[], list[threading.Thread]],
+        threads: Callable[[], list[threading.Thread]], retention: Retention | None = None,
     ) -> None:
         self._settings = settings
         self._journal, self._uploader, self._settler = journal, uploader, settler
@@ -41,6 +42,7 @@ class Views:
         self._health = health
         self._endpoint = endpoint
         self._threads = threads
+        self._retention = retention
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Liveness: every loop thread runs and the watcher canary comes back."""
@@ -99,5 +101,6 @@ class Views:
             "journal": {"path": str(self._journal.path), "problem": self._maintenance.journal_problem},
             "store": {"endpoint": self._endpoint, "bucket": self._settings.bucket, **self._health.snapshot()},
             "last_scan": self._maintenance.last_scan,
+            "retention": self._retention.snapshot() if self._retention is not None else {"enabled": False},
             "config": self._settings.redacted(),
         }

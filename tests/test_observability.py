@@ -24,7 +24,7 @@ from support.s3server import S3Server
 from support.waiting import wait_until
 
 from sidecar.health import Canary
-from sidecar.metrics import JournalCollector, Metrics
+from sidecar.metrics import DiskCollector, JournalCollector, Metrics
 from sidecar.watcher import Watcher
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -184,6 +184,7 @@ def test_readme_metrics_table_lists_every_exported_metric() -> None:
     registry = CollectorRegistry()
     Metrics(registry)
     registry.register(JournalCollector(lambda: {"pending": (1, 1)}, lambda: 0.0))
+    registry.register(DiskCollector(lambda: (1, 2)))
     exposition = generate_latest(registry).decode()
     exported = set(re.findall(r"^# TYPE (\S+) ", exposition, flags=re.MULTILINE))
     exported = {name for name in exported if not name.endswith("_created")}  # `sidecar run` disables these

@@ -1,0 +1,186 @@
+"""The safety rule of retention (sidecar.safedelete), on real files and a real journal: what may be deleted,
+what never is, and what a race or a crash in the middle leaves behind."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from sidecar import safedelete
+from sidecar.journal import DELETED, UPLOADED, Candidate, FileRow, Journal
+from sidecar.journal_schema import version_of
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Journal:
+    return Journal(tmp_path / "state" / "journal.sqlite3")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    return out
+
+
+def uploaded(journal: Journal, root: Path, rel: str, data: bytes, *, old: bool = True) -> FileRow:
+    """Write ``rel``, record it and mark it uploaded as the uploader would (ETag = MD5, proven)."""
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if old:  # older than the quiet period: no writer evidence needed beyond the lease
+        os.utime(path, (1_600_000_000, 1_600_000_000))
+    st = path.stat()
+    journal.record([Candidate(rel.encode(), st.st_size, st.st_mtime_ns, "scan", st.st_ino, st.st_ctime_ns)])
+    (row,) = journal.claim(1)
+    md5 = hashlib.md5(data).hexdigest()
+    journal.mark_uploaded(row, uploaded=version_of(st), md5=md5, key=f"pod/{rel}", etag=md5)
+    got = journal.get(rel.encode())
+    assert got is not None and got.state == UPLOADED
+    return got
+
+
+def delete(root: Path, row: FileRow, quiet_s: float = 0.0) -> safedelete.Verdict:
+    return safedelete.delete(root, row, quiet_s=quiet_s)
+
+
+def test_an_uploaded_unchanged_file_is_deleted_and_nothing_is_left(journal: Journal, root: Path) -> None:
+    row = uploaded(journal, root, "day/a.png", b"a" * 100)
+    verdict = delete(root, row)
+    assert (verdict.deleted, verdict.reason, verdict.size) == (True, "deleted", 100)
+    assert sorted(p.name for p in (root / "day").iterdir()) == []  # no quarantine name left
+
+
+def test_rows_not_uploaded_are_never_deleted(journal: Journal, root: Path) -> None:
+    (root / "p.png").write_bytes(b"pending")
+    st = (root / "p.png").stat()
+    journal.record([Candidate(b"p.png", st.st_size, st.st_mtime_ns, "scan", st.st_ino, st.st_ctime_ns)])
+    row = journal.get(b"p.png")
+    assert row is not None
+    assert delete(root, row).reason == "not_uploaded"
+    assert (root / "p.png").read_bytes() == b"pending"
+
+
+def test_a_file_modified_after_its_upload_is_kept(journal: Journal, root: Path) -> None:
+    row = uploaded(journal, root, "a.png", b"first")
+    with (root / "a.png").open("ab") as out:
+        out.write(b" and more")
+    assert delete(root, row).reason == "changed"
+    assert (root / "a.png").read_bytes() == b"first and more"
+
+
+def test_a_same_size_same_mtime_replacement_is_kept(journal: Journal, root: Path) -> None:
+    """Another inode renamed over the name, with size and mtime forged to match: still not the upload."""
+    row = uploaded(journal, root, "a.png", b"AAAA")
+    (root / "tmp").write_bytes(b"BBBB")
+    os.utime(root / "tmp", ns=(row.mtime_ns, row.mtime_ns))
+    os.replace(root / "tmp", root / "a.png")
+    assert delete(root, row).reason == "changed"
+    assert (root / "a.png").read_bytes() == b"BBBB"
+
+
+def test_a_symlink_at_the_path_is_never_followed(journal: Journal, root: Path, tmp_path: Path) -> None:
+    row = uploaded(journal, root, "a.png", b"mine")
+    outside = tmp_path / "precious.png"
+    outside.write_bytes(b"mine")
+    (root / "a.png").unlink()
+    (root / "a.png").symlink_to(outside)
+    assert delete(root, row).reason == "symlink"
+    assert outside.read_bytes() == b"mine" and (root / "a.png").is_symlink()
+
+
+def test_a_folder_swapped_for_a_link_cannot_lead_outside(journal: Journal, root: Path, tmp_path: Path) -> None:
+    row = uploaded(journal, root, "day/a.png", b"mine")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a.png").write_bytes(b"mine")
+    (root / "day" / "a.png").rename(tmp_path / "moved.png")
+    (root / "day").rmdir()
+    (root / "day").symlink_to(elsewhere, target_is_directory=True)
+    assert delete(root, row).reason == "outside_root"
+    assert (elsewhere / "a.png").read_bytes() == b"mine"
+
+
+def test_a_file_held_open_for_writing_is_kept(journal: Journal, root: Path) -> None:
+    """Same user, so the kernel's lease check answers: a writer still has it open."""
+    row = uploaded(journal, root, "a.png", b"mine")
+    with (root / "a.png").open("r+b"):
+        assert delete(root, row).reason == "writing"
+    assert (root / "a.png").read_bytes() == b"mine"
+
+
+def test_a_doubtful_row_is_rehashed(journal: Journal, root: Path) -> None:
+    """A row without an inode (from an older journal) is checked by its bytes: other bytes are kept."""
+    row = uploaded(journal, root, "a.png", b"AAAA")
+    doubtful = FileRow(**{**{f: getattr(row, f) for f in FileRow.__slots__}, "ino": 0, "ctime_ns": 0})
+    (root / "a.png").write_bytes(b"BBBB")
+    os.utime(root / "a.png", ns=(row.mtime_ns, row.mtime_ns))
+    assert delete(root, doubtful).reason == "digest"
+    assert (root / "a.png").read_bytes() == b"BBBB"
+    (root / "a.png").write_bytes(b"AAAA")
+    os.utime(root / "a.png", ns=(row.mtime_ns, row.mtime_ns))
+    assert delete(root, doubtful).deleted
+
+
+def test_a_file_swapped_in_after_the_check_is_put_back(journal: Journal, root: Path) -> None:
+    """What a rename put at the name between check and rename ends up quarantined: it is checked and put
+    back under its name, untouched."""
+    row = uploaded(journal, root, "a.png", b"mine")
+    parked = root / f".sidecar-deleting-{row.id}"
+    (root / "a.png").unlink()
+    parked.write_bytes(b"someone else's")  # as if the swap happened just before our rename
+    verdict = delete(root, row)
+    assert (verdict.deleted, verdict.reason) == (False, "raced")
+    assert (root / "a.png").read_bytes() == b"someone else's" and not parked.exists()
+
+
+def test_putting_back_never_replaces_a_newer_file(journal: Journal, root: Path) -> None:
+    """A parked file that is not the upload goes back only if the name is free; else both stay."""
+    row = uploaded(journal, root, "a.png", b"mine")
+    parked = root / f".sidecar-deleting-{row.id}"
+    os.rename(root / "a.png", parked)
+    parked.write_bytes(b"changed while parked")
+    (root / "a.png").write_bytes(b"newest")
+    assert delete(root, row).reason == "raced"
+    assert (root / "a.png").read_bytes() == b"newest" and parked.read_bytes() == b"changed while parked"
+
+
+def test_a_parked_upload_is_finished_even_when_the_name_was_reused(journal: Journal, root: Path) -> None:
+    """kill -9 after the rename, then ComfyUI reuses the name: the parked upload goes, the new file stays."""
+    row = uploaded(journal, root, "a.png", b"mine")
+    os.rename(root / "a.png", root / f".sidecar-deleting-{row.id}")
+    (root / "a.png").write_bytes(b"a new image under the old name")
+    assert delete(root, row).deleted
+    assert sorted(p.name for p in root.iterdir()) == ["a.png"]
+    assert (root / "a.png").read_bytes() == b"a new image under the old name"
+
+
+def test_a_crash_between_rename_and_unlink_is_finished_next_time(journal: Journal, root: Path) -> None:
+    """kill -9 after the rename: the next pass finds the row's file parked and, still the upload, deletes it."""
+    row = uploaded(journal, root, "a.png", b"mine")
+    os.rename(root / "a.png", root / f".sidecar-deleting-{row.id}")
+    verdict = delete(root, row)
+    assert verdict.deleted and list(root.iterdir()) == []
+    assert journal.mark_deleted(row, reason="age")
+    after = journal.get(b"a.png")
+    assert after is not None and after.state == DELETED
+
+
+def test_mark_deleted_does_not_clobber_a_newer_version(journal: Journal, root: Path) -> None:
+    row = uploaded(journal, root, "a.png", b"mine")
+    (root / "a.png").write_bytes(b"new bytes")
+    st = (root / "a.png").stat()
+    journal.record([Candidate(b"a.png", st.st_size, st.st_mtime_ns, "close", st.st_ino, st.st_ctime_ns)])
+    assert not journal.mark_deleted(row, reason="age")
+    after = journal.get(b"a.png")
+    assert after is not None and after.state == "pending"
+
+
+def test_outside_root_paths_are_refused(journal: Journal, root: Path) -> None:
+    row = uploaded(journal, root, "a.png", b"mine")
+    hostile = FileRow(**{**{f: getattr(row, f) for f in FileRow.__slots__}, "path": b"../a.png"})
+    assert delete(root, hostile).reason == "outside_root"
+    assert (root / "a.png").exists()
