@@ -97,6 +97,22 @@ if [[ "$uid" -eq 0 && "$SIDECAR_USER" != root ]]; then
   chown -h -- "$SIDECAR_USER:" "$SIDECAR_WATCH_DIR"
 fi
 
+# Retention deletes uploaded files, which needs write permission on their folders, and ComfyUI (root)
+# creates its subfolders 0755 root:root. With a policy set, the output folder gets the sidecar's group
+# with setgid, so every folder made below it inherits that group, and ComfyUI runs with umask 002, so
+# those folders are group-writable. Folders that already exist get the same (folders only, never a file,
+# never through a link). Without a policy nothing changes and ComfyUI keeps umask 022.
+COMFYUI_UMASK=022
+if [[ -n "${SIDECAR_DELETE_AFTER_S:-}${SIDECAR_DISK_MIN_FREE:-}${SIDECAR_KEEP_MAX_BYTES:-}" ]]; then
+  if [[ "$uid" -eq 0 && "$SIDECAR_USER" != root ]]; then
+    group="$(id -gn "$SIDECAR_USER")"
+    find "$SIDECAR_WATCH_DIR" -xdev -type d \( ! -group "$group" -o ! -perm -2070 \) \
+      -exec chgrp -h -- "$group" {} + -exec chmod g+rwxs -- {} +
+  fi
+  COMFYUI_UMASK=002
+fi
+export COMFYUI_UMASK
+
 # Secrets: one file per variable (the name pydantic-settings looks for), readable by the sidecar only.
 prepare_dir SIDECAR_SECRETS_DIR "$SIDECAR_SECRETS_DIR"
 chmod 700 -- "$SIDECAR_SECRETS_DIR"

@@ -34,7 +34,7 @@ def run_prune(settings: Settings, *, dry_run: bool) -> int:
             retention = Retention(settings, journal=journal, metrics=Metrics(CollectorRegistry()),
                                   dry_run=dry_run or settings.retention_dry_run)
             total = PassResult()
-            for _ in range(MAX_PASSES):
+            for _ in range(1 if retention.dry_run else MAX_PASSES):  # a dry pass already simulates the rest
                 result = retention.run_once()
                 _add(total, result)
                 total.over = result.over

@@ -114,9 +114,19 @@ BAD_URL = "SIDECAR_ENDPOINT_URL: is not a valid URL (check the port, and bracket
          "(lower case, digits, '-') (got 'US East')"),
         ({"SIDECAR_ENDPOINT_URL": ""}, "SIDECAR_R2_ACCOUNT_ID: required with SIDECAR_BUCKET (or SIDECAR_ENDPOINT_URL "
          "for another S3 store; for AWS itself https://s3.<region>.amazonaws.com)"),
+        ({"SIDECAR_DISK_MIN_FREE": "ten"}, "SIDECAR_DISK_MIN_FREE: must be a size (5G, 512MiB, bytes) or a "
+         "percentage of the filesystem (10%) (got 'ten')"),
+        ({"SIDECAR_DISK_MIN_FREE": "150%"}, "SIDECAR_DISK_MIN_FREE: a percentage must be between 0 and 100 "
+         "(exclusive) (got '150%')"),
+        ({"SIDECAR_KEEP_MAX_BYTES": "0"}, "SIDECAR_KEEP_MAX_BYTES: must be more than 0 bytes (got '0')"),
+        ({"SIDECAR_KEEP_MAX_BYTES": "lots"}, "SIDECAR_KEEP_MAX_BYTES: must be a size in bytes, optionally with a "
+         "unit: 5368709120, 5G, 5GiB, 512M (got 'lots')"),
+        ({"SIDECAR_DELETE_AFTER_S": "-1"}, "SIDECAR_DELETE_AFTER_S: Input should be greater than or equal to 0 "
+         "(got '-1')"),
+        ({"SIDECAR_RETENTION_RATE": "0"}, "SIDECAR_RETENTION_RATE: Input should be greater than 0 (got '0')"),
     ],
     ids=["no-host", "no-host-https", "space", "ipv6", "port", "userinfo", "scheme", "account", "region",
-         "bucket-only"],
+         "bucket-only", "floor-word", "floor-percent", "keep-zero", "keep-word", "after-negative", "rate-zero"],
 )
 def test_bad_values_are_one_exact_line_and_exit_2_before_anything_starts(
         tmp_path: Path, changes: dict[str, str], line: str) -> None:

@@ -185,3 +185,33 @@ def test_no_secret_in_comfyuis_environment_or_any_process(make_pod: Callable[...
     assert leaked == []
     assert all(line.startswith("600 sidecar ") for line in files if line), files
     assert pod.exec("cat", "/run/sidecar-secrets/sidecar_http_token", user="1000").returncode != 0
+
+
+@pytest.mark.slow
+def test_retention_frees_root_written_outputs_in_every_folder(
+    make_pod: Callable[..., Pod], s3_server: S3Server, r2_proxy_http: R2Proxy, bucket: str
+) -> None:
+    """SIDECAR_DELETE_AFTER_S=0 in the image: ComfyUI (root) writes into the top folder, video/ and a fresh
+    date folder; the sidecar (its own user) deletes every local copy once it is verified in the bucket,
+    none is kept for a permission problem, and the bucket holds every file byte for byte."""
+    pod = make_pod(SIDECAR_DELETE_AFTER_S="0", SIDECAR_QUIET_S="1").start()
+    pod.wait_ready()
+    files = pod.wait_prompt(pod.prompt(comfy_outputs(videos=2, pngs=6)))
+    files += pod.wait_prompt(pod.prompt(comfy_outputs(videos=1, pngs=3), date_folder=True))
+    assert len(files) == 12
+    wait_until(lambda: len(s3_server.keys(bucket)) >= 12, timeout=90, interval=0.2, message=pod.logs)
+    outputs = pod.workspace / "outputs"
+    wait_until(lambda: not [p for p in outputs.rglob("*") if p.is_file() and not p.name.startswith(".")],
+               timeout=60, interval=0.2, message=pod.logs)
+    objects = s3_server.objects(bucket)
+    assert sorted(objects) == sorted(f"pod/{rel}" for rel in files)
+    deleted = [line for line in pod.log_lines() if line.get("event") == "retention_deleted"]
+    assert sorted(line["path"] for line in deleted) == sorted(files)
+    assert all(len(objects[f"pod/{line['path']}"]) == line["bytes"] for line in deleted)
+    _, metrics = pod.get("/metrics")
+    assert b'sidecar_retention_kept_total{reason="permission"}' not in metrics
+    status = pod.status()
+    assert status["counts"]["deleted"]["files"] == 12 and status["counts"]["uploaded"]["files"] == 0
+    modes = pod.exec("sh", "-c", "stat -c '%U %G %a' /workspace/outputs/video").stdout.split()
+    report("retention", files=len(files), deleted=len(deleted), video_folder=" ".join(modes))
+    assert modes[1] == "sidecar" and modes[2].startswith("27")
