@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from sidecar import __version__
 from sidecar.health import REASONS
+from sidecar.safedelete import KEPT_REASONS
 
 OUTCOMES = ("uploaded", "existing", "unchanged", "retry", "paused", "failed", "skipped")
 STORE_STATES = ("up", "down", "broken", "unknown")
@@ -163,6 +164,9 @@ class Metrics:
         for reason in RETENTION_POLICIES:
             self.retention_deleted.labels(reason=reason)
             self.retention_deleted_bytes.labels(reason=reason)
+        for reason in KEPT_REASONS:
+            if reason not in ("not_uploaded", "vanished"):  # never counted: not a policy's wish kept back
+                self.retention_kept.labels(reason=reason)
 
 
 QueueStats = dict[str, tuple[int, int]]

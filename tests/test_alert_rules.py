@@ -19,7 +19,7 @@ import pytest
 import yaml  # PyYAML arrives with moto[server], a test dependency
 from prometheus_client import CollectorRegistry, generate_latest
 
-from sidecar.metrics import JournalCollector, Metrics
+from sidecar.metrics import DiskCollector, JournalCollector, Metrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 RULES = DEPLOY / "prometheus-alerts.yml"
@@ -47,6 +47,7 @@ def _exposition() -> str:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     registry.register(JournalCollector(lambda: {"pending": (3, 300), "failed": (1, 10)}, lambda: 42.0))
+    registry.register(DiskCollector(lambda: (5 << 30, 100 << 30)))
     metrics.files_discovered.labels(source="event").inc()
     metrics.files_skipped.labels(reason="extension").inc()
     for outcome in ("uploaded", "existing", "unchanged", "retry", "failed"):
@@ -80,7 +81,7 @@ def test_rules_pass_promtool_check(promtool: str) -> None:
     """promtool check rules accepts the alert rules."""
     result = _run(promtool, "check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
 
 
 def test_rule_unit_tests_pass(promtool: str) -> None:
@@ -116,7 +117,7 @@ def test_every_alert_has_firing_and_quiet_tests() -> None:
     alerts = {rule["alert"] for group in groups for rule in group["rules"]}
     assert alerts == {
         "SidecarPendingTooOld", "SidecarUploadsFailing", "SidecarWatcherDown", "SidecarStalled",
-        "SidecarDown",
+        "SidecarDown", "SidecarDiskAlmostFull",
     }
     firing: set[str] = set()
     quiet: set[str] = set()

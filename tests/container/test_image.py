@@ -209,7 +209,7 @@ def test_retention_frees_root_written_outputs_in_every_folder(
     assert sorted(line["path"] for line in deleted) == sorted(files)
     assert all(len(objects[f"pod/{line['path']}"]) == line["bytes"] for line in deleted)
     _, metrics = pod.get("/metrics")
-    assert b'sidecar_retention_kept_total{reason="permission"}' not in metrics
+    assert b'sidecar_retention_kept_total{reason="permission"} 0.0' in metrics
     status = pod.status()
     assert status["counts"]["deleted"]["files"] == 12 and status["counts"]["uploaded"]["files"] == 0
     modes = pod.exec("sh", "-c", "stat -c '%U %G %a' /workspace/outputs/video").stdout.split()
