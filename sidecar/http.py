@@ -208,7 +208,7 @@ class HttpServer:
             self.routes, sockets=[self._sock], threads=WORKER_THREADS, ident="comfyui-r2-sidecar",
             connection_limit=self.connection_limit, backlog=1024, max_request_header_size=MAX_HEADER_BYTES,
             max_request_body_size=1024, channel_timeout=2 * self.deadlines.deadline_s, cleanup_interval=2,
-            asyncore_use_poll=True, asyncore_loop_timeout=0.5, expose_tracebacks=False,
+            asyncore_use_poll=True, asyncore_loop_timeout=1, expose_tracebacks=False,  # whole seconds (an int)
             log_socket_errors=False, clear_untrusted_proxy_headers=True,
         )
         self._threads = [

@@ -472,3 +472,18 @@ def test_connection_limit_raises_the_descriptor_limit_or_fits_under_it() -> None
     assert raised.stdout.split() == ["1024", "1280"]
     capped = subprocess.run([sys.executable, "-c", script, "300", "300"], capture_output=True, text=True, check=True)
     assert capped.stdout.split() == ["44", "300"]
+
+
+def test_an_idle_server_sleeps(make: Make) -> None:
+    """The event loop blocks in poll() between requests: an idle second costs a few ms of CPU, not a core.
+
+    A regression guard with a wide margin (the loop once spun at 100 % of a core: waitress takes its loop
+    timeout as whole seconds, and 0.5 became 0), not a speed measurement.
+    """
+    server = make()
+    assert request(server.port, "/healthz").status == 200
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    time.sleep(2.0)  # the idle period being measured, not a wait for a condition
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert used < 0.5, f"{used:.2f} CPU s in 2 s idle"
