@@ -42,16 +42,27 @@ def small_disk(world: World) -> Iterator[Path]:
 
 
 def audit(world: World) -> list[str]:
-    """Problems: a written file that is neither on disk with its bytes nor in the bucket with them."""
+    """Problems: a written file that is neither on disk with its bytes nor in the bucket with them.
+
+    The disk is looked at first and the bucket after: a file is only deleted once it is stored, so one
+    missing from disk at that moment must be in the bucket a moment later."""
+    on_disk = {rel: _read(world.path(rel)) for rel in list(world.written)}
     objects = world.objects()
     problems = []
-    for rel, data in world.written.items():
-        on_disk = world.path(rel).read_bytes() if world.path(rel).exists() else None
-        if on_disk is None and objects.get(world.key(rel)) != data:
+    for rel, local in on_disk.items():
+        data = world.written[rel]
+        if local is None and objects.get(world.key(rel)) != data:
             problems.append(f"{rel}: deleted but the bucket does not hold its bytes")
-        elif on_disk is not None and on_disk != data:
+        elif local is not None and local != data:
             problems.append(f"{rel}: changed on disk")
     return problems
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def counter(world: World, proc: object, name: str, **labels: str) -> float:
@@ -133,6 +144,22 @@ def test_nothing_is_deleted_while_the_store_is_down(world: World, small_disk: Pa
     wait_until(lambda: counter(world, proc, "sidecar_retention_deleted_total", reason="disk_free") > 0,
                timeout=30, message=proc.output)
     assert audit(world) == []
+
+
+def test_a_throttled_store_slows_deletion_but_never_lets_an_unverified_file_go(world: World, small_disk: Path) -> None:
+    """The first 40 PUTs answer 503 SlowDown: files wait for their retries, only verified ones are deleted,
+    every deleted file is in the bucket with its bytes, and in the end every file is stored."""
+    world.proxy.fail_next(40, status=503, code="SlowDown", when=lambda req: req.operation == "PutObject")
+    proc = world.start(disk_min_free="3MiB", retry_base_s=0.2, retry_cap_s=1)
+    writer = Writer(world, count=40, size=256 * KIB, every_s=0.1)
+    writer.thread.start()
+    while writer.thread.is_alive():
+        assert audit(world) == []  # at every moment, not only at the end
+        writer.thread.join(0.5)
+    world.wait_in_bucket(list(world.written), proc, timeout=90)
+    assert audit(world) == []
+    assert world.bucket_diff(world.expected()) == []
+    assert sum(1 for r in world.proxy.requests if r.operation == "PutObject" and r.status == 503) == 40
 
 
 def test_kill_9_during_pruning_loses_nothing(world: World) -> None:

@@ -3,15 +3,15 @@ what never is, and what a race or a crash in the middle leaves behind."""
 
 from __future__ import annotations
 
-import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
+from support.uploaded import uploaded
 
 from sidecar import safedelete
-from sidecar.journal import DELETED, UPLOADED, Candidate, FileRow, Journal
-from sidecar.journal_schema import version_of
+from sidecar.journal import DELETED, Candidate, FileRow, Journal
 
 
 @pytest.fixture
@@ -24,23 +24,6 @@ def root(tmp_path: Path) -> Path:
     out = tmp_path / "out"
     out.mkdir()
     return out
-
-
-def uploaded(journal: Journal, root: Path, rel: str, data: bytes, *, old: bool = True) -> FileRow:
-    """Write ``rel``, record it and mark it uploaded as the uploader would (ETag = MD5, proven)."""
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if old:  # older than the quiet period: no writer evidence needed beyond the lease
-        os.utime(path, (1_600_000_000, 1_600_000_000))
-    st = path.stat()
-    journal.record([Candidate(rel.encode(), st.st_size, st.st_mtime_ns, "scan", st.st_ino, st.st_ctime_ns)])
-    (row,) = journal.claim(1)
-    md5 = hashlib.md5(data).hexdigest()
-    journal.mark_uploaded(row, uploaded=version_of(st), md5=md5, key=f"pod/{rel}", etag=md5)
-    got = journal.get(rel.encode())
-    assert got is not None and got.state == UPLOADED
-    return got
 
 
 def delete(root: Path, row: FileRow, quiet_s: float = 0.0) -> safedelete.Verdict:
@@ -184,3 +167,41 @@ def test_outside_root_paths_are_refused(journal: Journal, root: Path) -> None:
     hostile = FileRow(**{**{f: getattr(row, f) for f in FileRow.__slots__}, "path": b"../a.png"})
     assert delete(root, hostile).reason == "outside_root"
     assert (root / "a.png").exists()
+
+
+def test_a_folder_flipping_between_real_and_a_link_never_costs_a_file_outside(
+    journal: Journal, root: Path, tmp_path: Path
+) -> None:
+    """A thread swaps `day/` between the real folder and a link to an outside folder holding files with
+    the same names, sizes and mtimes, as fast as it can, while every row is deleted: the outside files all
+    survive, and each file inside is either deleted once or still there with its bytes."""
+    rows = [uploaded(journal, root, f"day/f{n:03d}.png", b"x" * (100 + n)) for n in range(200)]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for row in rows:
+        target = outside / row.path.decode().split("/")[1]
+        target.write_bytes(b"x" * row.size)
+        os.utime(target, ns=(row.mtime_ns, row.mtime_ns))
+    real, link = root / "day", root / "day-link"
+    link.symlink_to(outside, target_is_directory=True)
+    parked_real = root / "day-real"
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            os.rename(real, parked_real)
+            os.rename(link, real)  # `day` is now the link
+            os.rename(real, link)
+            os.rename(parked_real, real)  # and the real folder again
+
+    flipper = threading.Thread(target=flip, daemon=True)
+    flipper.start()
+    try:
+        verdicts = [delete(root, row) for row in rows for _ in range(3)]
+    finally:
+        stop.set()
+        flipper.join()
+    assert sorted(p.name for p in outside.iterdir()) == sorted(r.path.decode().split("/")[1] for r in rows)
+    assert all(p.read_bytes() == b"x" * p.stat().st_size for p in outside.iterdir())
+    assert {v.reason for v in verdicts} <= {"deleted", "outside_root", "vanished", "changed"}
+    assert sum(v.deleted for v in verdicts) + len(list(real.iterdir())) == len(rows)
