@@ -21,7 +21,8 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from sidecar import __version__
-from sidecar.config import Settings, load_settings, unknown_variables
+from sidecar.config import Settings, load_settings
+from sidecar.config_typos import unknown_variables
 from sidecar.errors import (
     EXIT_ABORTED,
     EXIT_CONFIG,
@@ -111,7 +112,12 @@ def _warn_unknown() -> None:
 
 
 def cmd_config(_: argparse.Namespace) -> int:
-    print(json.dumps(load_settings().redacted(), indent=2, sort_keys=True))
+    from sidecar.routing import Router  # noqa: PLC0415
+
+    settings = load_settings()
+    router = Router.from_settings(settings)
+    shown = {**settings.redacted(), "effective_routes": router.describe(), "route_warnings": router.warnings()}
+    print(json.dumps(shown, indent=2, sort_keys=True, default=str))
     return EXIT_OK
 
 

@@ -6,19 +6,26 @@ variable; secret values are never echoed.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import socket
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from sidecar.addresses import check_endpoint_url, is_loopback
 from sidecar.errors import ConfigError
+from sidecar.object_config import (
+    RouteSpec,
+    check_disposition,
+    check_header,
+    check_objects,
+    check_pod_id,
+    check_template,
+    parse_metadata,
+)
 from sidecar.sizes import parse_bytes, parse_floor
 
 ENV_PREFIX = "SIDECAR_"
@@ -26,7 +33,6 @@ SECRETS_DIR_VAR = "SIDECAR_SECRETS_DIR"
 DEFAULT_EXTENSIONS = (
     "png,jpg,jpeg,webp,gif,mp4,webm,mov,mkv,flac,mp3,opus,wav,glb,svg,latent"
 )
-KEY_FIELDS = ("pod_id", "relpath", "filename", "stem", "ext", "date", "md5")
 MIB = 1024 * 1024
 
 CommaList = Annotated[list[str], NoDecode]
@@ -58,6 +64,14 @@ class Settings(BaseSettings):
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     key_template: str = "{pod_id}/{relpath}"
+    key_escape: Literal["none", "unsafe"] = "none"  # unsafe: %-encode backslashes and Unicode format characters
+
+    # What objects are stored with (sidecar.routing), and per-path rules over it.
+    cache_control: str = ""
+    content_disposition: str = "auto"  # auto: attachment for types that can carry script (SVG, HTML, XML)
+    storage_class: str = ""
+    metadata: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    routes: list[RouteSpec] = Field(default_factory=list)  # JSON: [{"match": "video/*", ...}, ...]
     pod_id: str = Field(default_factory=lambda: os.environ.get("RUNPOD_POD_ID") or socket.gethostname())
 
     # What to upload.
@@ -135,15 +149,27 @@ class Settings(BaseSettings):
     @field_validator("key_template")
     @classmethod
     def _check_template(cls, value: str) -> str:
-        try:
-            value.format(**dict.fromkeys(KEY_FIELDS, "x"))
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(
-                f"unknown or malformed placeholder {exc}; allowed: {', '.join('{' + f + '}' for f in KEY_FIELDS)}"
-            ) from None
-        if "{relpath}" not in value and "{filename}" not in value and "{md5}" not in value:
-            raise ValueError("must contain {relpath}, {filename} or {md5}, or every file gets the same key")
-        return value
+        return check_template(value)
+
+    @field_validator("pod_id")
+    @classmethod
+    def _check_pod(cls, value: str) -> str:
+        return check_pod_id(value)
+
+    @field_validator("cache_control")
+    @classmethod
+    def _check_cache(cls, value: str) -> str:
+        return check_header(value)
+
+    @field_validator("content_disposition")
+    @classmethod
+    def _check_disposition(cls, value: str) -> str:
+        return check_disposition(value)
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _parse_metadata(cls, value: Any) -> Any:
+        return parse_metadata(_split_commas(value)) if isinstance(value, str) else value
 
     @field_validator("endpoint_url")
     @classmethod
@@ -182,6 +208,16 @@ class Settings(BaseSettings):
             raise ValueError("set SIDECAR_R2_ACCOUNT_ID or SIDECAR_ENDPOINT_URL, not both")
         return self
 
+    @model_validator(mode="after")
+    def _check_objects(self) -> Settings:
+        check_objects(self, r2=self.is_r2)
+        return self
+
+    @property
+    def is_r2(self) -> bool:
+        """The store is Cloudflare R2 (by account id or an R2 endpoint URL)."""
+        return bool(self.r2_account_id) or ".r2.cloudflarestorage.com" in self.endpoint_url
+
     @property
     def resolved_endpoint(self) -> str | None:
         """The S3 endpoint URL: R2's from the account id, the explicit URL, or None for AWS itself."""
@@ -214,6 +250,8 @@ class Settings(BaseSettings):
                 value = "**********"
             elif isinstance(value, Path):
                 value = str(value)
+            elif name == "routes":
+                value = [route.model_dump(exclude_none=True) for route in value]
             data[name] = value
         return data
 
@@ -249,27 +287,6 @@ def _format_error(exc: ValidationError) -> str:
     return f"{variable}: {message}{shown}"
 
 
-# SIDECAR_* variables that are not settings but are read by the image's scripts and the test suite.
-OTHER_VARIABLES = frozenset({
-    SECRETS_DIR_VAR, "SIDECAR_USER", "SIDECAR_PYTHON", "SIDECAR_BIN", "SIDECAR_VENV", "SIDECAR_HOME",
-    "SIDECAR_STOPWAITSECS", "SIDECAR_TEMPLATE_START", "SIDECAR_INSTALL_PYTHON", "SIDECAR_PYTHONPATH",
-})
-OTHER_PREFIXES = ("SIDECAR_TEST_", "SIDECAR_CI_", "SIDECAR_FATAL")
-
-
-def unknown_variables(environ: Mapping[str, str]) -> list[str]:
-    """One line per ``SIDECAR_*`` variable that is no setting (a typo?), naming the closest valid one."""
-    known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
-    lines = []
-    for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name in known or name.startswith(OTHER_PREFIXES):
-            continue
-        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        lines.append(f"warning: {name} is not a setting and is ignored{hint}")
-    return lines
-
-
 def load_settings(**overrides: Any) -> Settings:
     """Read the settings from the environment (and ``overrides``); raise ConfigError on any problem.
 
@@ -286,3 +303,8 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None
+    except SettingsError as exc:  # a value that must be JSON (SIDECAR_ROUTES) and is not
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"{ENV_PREFIX}{field.group(1).upper()}" if field else "configuration"
+        raise ConfigError(f"{name}: is not valid JSON (e.g. [{{\"match\": \"video/*\", \"cache_control\": "
+                          "\"public, max-age=31536000\"}])") from None

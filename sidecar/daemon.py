@@ -33,10 +33,10 @@ from sidecar.folders import check_folders
 from sidecar.health import Canary
 from sidecar.intake import Intake
 from sidecar.journal import FAILED, PENDING, UPLOADED, open_journal
-from sidecar.keys import KeyBuilder
 from sidecar.maintenance import Maintenance
 from sidecar.metrics import STORE_STATES, DiskCollector, JournalCollector, Metrics
 from sidecar.retention import Retention, disk_usage
+from sidecar.routing import Router
 from sidecar.scanner import Scanner
 from sidecar.settle import Settler
 from sidecar.statelock import StateLock
@@ -86,10 +86,13 @@ class Daemon:
                               observer=self._on_request)
         self.health.verify = probe_store.check
         self.probe = StoreProbe(self.health, probe_store.check, self._stop)
-        keys = KeyBuilder(settings.key_template, settings.pod_id)
+        self.router = Router.from_settings(settings)
+        for warning in self.router.warnings():
+            log.warning("key_routes_may_collide", problem=warning,
+                        effect="the second file gets a content-hash variant key; nothing is overwritten")
 
         def transfer_factory(retry: Any, progress: Callable[[int, int], None]) -> Transfer:
-            return Transfer(self.store, self.root, keys, multipart_threshold=settings.multipart_threshold,
+            return Transfer(self.store, self.root, self.router, multipart_threshold=settings.multipart_threshold,
                             part_size=settings.part_size, retry=retry, ledger=self.journal, on_progress=progress)
 
         policy = RetryPolicy(settings.max_attempts, settings.retry_base_s, settings.retry_cap_s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import posixpath
+import unicodedata
 from dataclasses import dataclass
 
 from sidecar.errors import PermanentStoreError
@@ -37,16 +38,34 @@ def path_text(path: bytes) -> str:
         return "".join(out)
 
 
+def escape_unsafe(text: str) -> str:
+    """``text`` with backslashes and Unicode format characters (bidi overrides, zero-width joiners: category
+    Cf) as ``%XX`` of their UTF-8 bytes. ``%`` is already escaped by :func:`path_text`, so this stays
+    injective."""
+    if text.isascii() and "\\" not in text:
+        return text
+    return "".join(
+        "".join(f"%{b:02X}" for b in ch.encode("utf-8")) if ch == "\\" or unicodedata.category(ch) == "Cf" else ch
+        for ch in text
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class KeyBuilder:
     """Formats keys for one pod from one template."""
 
     template: str
     pod_id: str
+    escape_unsafe: bool = False  # SIDECAR_KEY_ESCAPE=unsafe
 
     def key_for(self, relpath: bytes, *, mtime_ns: int, md5: str) -> str:
-        """The key this file's content is stored under, unless that key already holds other bytes."""
+        """The key this file's content is stored under, unless that key already holds other bytes.
+
+        Raises a permanent ``InvalidObjectName`` for a key with an empty, ``.`` or ``..`` segment (a
+        template that leaves a placeholder empty for this file), before any request."""
         rel = path_text(relpath)
+        if self.escape_unsafe:
+            rel = escape_unsafe(rel)
         filename = posixpath.basename(rel)
         stem, dot, ext = filename.rpartition(".")
         if not dot:
@@ -57,7 +76,14 @@ class KeyBuilder:
         key = self.template.format(
             pod_id=self.pod_id, relpath=rel, filename=filename, stem=stem, ext=ext, date=date, md5=md5
         )
-        return key.lstrip("/")
+        if key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
+            raise PermanentStoreError(
+                "the key template gives this file a key with an empty, '.' or '..' segment", operation="PutObject",
+                key=key[:80], code="InvalidObjectName",
+                hint="a placeholder is empty for this file (e.g. {ext} of a name without '.'); change "
+                     "SIDECAR_KEY_TEMPLATE or the route's key_template",
+            )
+        return key
 
     @staticmethod
     def variant(key: str, md5: str) -> str:

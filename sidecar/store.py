@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 MD5_METADATA = "md5"  # user metadata key holding the hex MD5 of the whole content (multipart ETags are not MD5s)
 
@@ -25,6 +25,31 @@ def composite_etag(part_md5s: list[str]) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class ObjectHeaders:
+    """What an object is stored with besides its bytes: the same on a PutObject and a multipart upload.
+
+    Empty strings are never sent (R2 answers an empty ``x-amz-storage-class`` with 501). ``metadata`` is the
+    configured static user metadata; the sidecar's own ``md5`` entry is added on top.
+    """
+
+    content_type: str = "application/octet-stream"
+    cache_control: str = ""
+    content_disposition: str = ""
+    storage_class: str = ""
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def s3_args(self, md5_hex: str) -> dict[str, Any]:
+        """boto3 parameters of PutObject / CreateMultipartUpload for these headers."""
+        args: dict[str, Any] = {"ContentType": self.content_type,
+                                "Metadata": {**dict(self.metadata), MD5_METADATA: md5_hex}}
+        for name, value in (("CacheControl", self.cache_control), ("ContentDisposition", self.content_disposition),
+                            ("StorageClass", self.storage_class)):
+            if value:
+                args[name] = value
+        return args
+
+
+@dataclass(frozen=True, slots=True)
 class ObjectInfo:
     """What a HEAD tells about an existing object."""
 
@@ -38,7 +63,7 @@ class ObjectInfo:
 class ObjectStore(Protocol):
     """Writes objects without ever silently overwriting one. Every method raises ``StoreError`` subclasses."""
 
-    def put(self, key: str, data: bytes, *, md5_hex: str, content_type: str) -> str:
+    def put(self, key: str, data: bytes, *, md5_hex: str, headers: ObjectHeaders) -> str:
         """Create ``key`` with ``data`` unless it exists (``KeyExistsError``); return the ETag, proven to be
         ``md5_hex`` (an answer without it raises a transient error: nothing is assumed stored)."""
         ...
@@ -51,7 +76,7 @@ class ObjectStore(Protocol):
         """The MD5 of the object's bytes, read back (a GET), or None if it does not exist."""
         ...
 
-    def create_multipart(self, key: str, *, md5_hex: str, content_type: str) -> str:
+    def create_multipart(self, key: str, *, md5_hex: str, headers: ObjectHeaders) -> str:
         """Start a multipart upload; return its upload id."""
         ...
 

@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeVar
 
 import structlog
 
@@ -24,8 +24,10 @@ from sidecar.journal import FileRow
 from sidecar.journal_schema import Version, version_of
 from sidecar.keys import KeyBuilder, check_key, path_text
 from sidecar.localfile import open_regular, same_version
-from sidecar.mime import content_type
-from sidecar.store import ObjectStore, composite_etag
+from sidecar.store import ObjectHeaders, ObjectStore, composite_etag
+
+if TYPE_CHECKING:
+    from sidecar.routing import Router
 
 T = TypeVar("T")
 log = structlog.get_logger("sidecar.transfer")
@@ -100,7 +102,7 @@ class Transfer:
         self,
         store: ObjectStore,
         root: Path,
-        keys: KeyBuilder,
+        router: Router,
         *,
         multipart_threshold: int,
         part_size: int,
@@ -110,7 +112,7 @@ class Transfer:
     ) -> None:
         self._store = store
         self._root = root
-        self._keys = keys
+        self._router = router
         self._threshold = multipart_threshold
         self._part_size = part_size
         self._retry = retry
@@ -127,7 +129,9 @@ class Transfer:
             content = self._read(row, f, st)
             if row.etag is not None and row.key and row.md5 == content.md5:
                 return self._result(row.key, row.etag, content, "unchanged")
-            base = self._keys.key_for(row.path, mtime_ns=st.st_mtime_ns, md5=content.md5)
+            route = self._router.route(row.path)
+            base = route.keys.key_for(row.path, mtime_ns=st.st_mtime_ns, md5=content.md5)
+            headers = route.headers(path_text(row.path))
             check_key(base)
             variant = KeyBuilder.variant(base, content.md5)
             # Known new content under a name we uploaded before goes to its variant at once.
@@ -136,7 +140,7 @@ class Transfer:
             for key in candidates:
                 check_key(key)
                 try:
-                    etag = self._write(row, f, key, content)
+                    etag = self._write(row, f, key, content, headers)
                 except KeyExistsError:
                     existing = self._ours(key, content)
                     if existing is not None:
@@ -192,11 +196,10 @@ class Transfer:
 
     # -- writing --------------------------------------------------------------------------------------
 
-    def _write(self, row: FileRow, f: BinaryIO, key: str, content: _Content) -> str:
-        ctype = content_type(path_text(row.path))
+    def _write(self, row: FileRow, f: BinaryIO, key: str, content: _Content, headers: ObjectHeaders) -> str:
         if not content.part_md5s:
-            return self._retry(lambda: self._store.put(key, content.data, md5_hex=content.md5, content_type=ctype))
-        upload_id = self._retry(lambda: self._store.create_multipart(key, md5_hex=content.md5, content_type=ctype))
+            return self._retry(lambda: self._store.put(key, content.data, md5_hex=content.md5, headers=headers))
+        upload_id = self._retry(lambda: self._store.create_multipart(key, md5_hex=content.md5, headers=headers))
         self._ledger.set_upload(row.id, key, upload_id)
         try:
             etags = self._send_parts(row, f, key, upload_id, content)

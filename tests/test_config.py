@@ -124,9 +124,32 @@ BAD_URL = "SIDECAR_ENDPOINT_URL: is not a valid URL (check the port, and bracket
         ({"SIDECAR_DELETE_AFTER_S": "-1"}, "SIDECAR_DELETE_AFTER_S: Input should be greater than or equal to 0 "
          "(got '-1')"),
         ({"SIDECAR_RETENTION_RATE": "0"}, "SIDECAR_RETENTION_RATE: Input should be greater than 0 (got '0')"),
+        ({"SIDECAR_STORAGE_CLASS": "GLACIER", "SIDECAR_ENDPOINT_URL": "", "SIDECAR_R2_ACCOUNT_ID": "abc"},
+         "SIDECAR_STORAGE_CLASS: 'GLACIER' is not a storage class R2 accepts: STANDARD, STANDARD_IA"),
+        ({"SIDECAR_STORAGE_CLASS": "FAST"}, "SIDECAR_STORAGE_CLASS: 'FAST' is not a storage class S3 accepts: "
+         "STANDARD, REDUCED_REDUNDANCY, STANDARD_IA, ONEZONE_IA, INTELLIGENT_TIERING, GLACIER, DEEP_ARCHIVE, "
+         "GLACIER_IR, OUTPOSTS, EXPRESS_ONEZONE, SNOW"),
+        ({"SIDECAR_METADATA": "Tenant Name=acme"}, "SIDECAR_METADATA: metadata name 'Tenant Name': letters, digits, "
+         "'-' and '_' only (an HTTP header name) (got 'Tenant Name=acme')"),
+        ({"SIDECAR_METADATA": "note=" + "x" * 3000}, "SIDECAR_METADATA: metadata of 3039 bytes is over the store's "
+         "2048-byte limit (names and values, the sidecar's md5 entry included)"),
+        ({"SIDECAR_CONTENT_DISPOSITION": "download"}, "SIDECAR_CONTENT_DISPOSITION: must be auto, none, or a "
+         "Content-Disposition starting with inline or attachment (got 'download')"),
+        ({"SIDECAR_CACHE_CONTROL": "max-age=60\u00e9"}, "SIDECAR_CACHE_CONTROL: must be printable ASCII without "
+         "leading or trailing spaces (it is sent as a header) (got 'max-age=60\u00e9')"),
+        ({"SIDECAR_ROUTES": "[{\"match\": \"*.mp4\""}, "SIDECAR_ROUTES: is not valid JSON (e.g. [{\"match\": "
+         "\"video/*\", \"cache_control\": \"public, max-age=31536000\"}])"),
+        ({"SIDECAR_ROUTES": "[{\"match\": \"*.mp4\", \"key_template\": \"{pod_id}//{relpath}\"}]"},
+         "SIDECAR_ROUTES: gives keys with an empty, '.' or '..' segment (like 'a//b' or 'a/../b')"),
+        ({"SIDECAR_POD_ID": "pod/1"}, "SIDECAR_POD_ID: must be one key segment: not empty, no '/', not '.' or '..', "
+         "printable ASCII (got 'pod/1')"),
+        ({"SIDECAR_KEY_TEMPLATE": "/{relpath}"}, "SIDECAR_KEY_TEMPLATE: gives keys starting with '/' (S3 keys have "
+         "no leading slash): remove it (got '/{relpath}')"),
     ],
     ids=["no-host", "no-host-https", "space", "ipv6", "port", "userinfo", "scheme", "account", "region",
-         "bucket-only", "floor-word", "floor-percent", "keep-zero", "keep-word", "after-negative", "rate-zero"],
+         "bucket-only", "floor-word", "floor-percent", "keep-zero", "keep-word", "after-negative", "rate-zero",
+         "storage-r2", "storage-s3", "meta-name", "meta-size", "disposition", "cache-ascii", "routes-json",
+         "route-template", "pod-id", "leading-slash"],
 )
 def test_bad_values_are_one_exact_line_and_exit_2_before_anything_starts(
         tmp_path: Path, changes: dict[str, str], line: str) -> None:

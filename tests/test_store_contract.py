@@ -18,7 +18,8 @@ from sidecar.config import load_settings
 from sidecar.errors import KeyExistsError, PermanentStoreError
 from sidecar.journal import FileRow
 from sidecar.keys import KeyBuilder
-from sidecar.store import ObjectStore, composite_etag
+from sidecar.routing import Router
+from sidecar.store import ObjectHeaders, ObjectStore, composite_etag
 from sidecar.store_s3 import S3Store, make_client
 from sidecar.transfer import MIB, Transfer
 
@@ -62,15 +63,15 @@ def row(path: bytes, **kw: object) -> FileRow:
 
 def test_put_returns_the_md5_and_refuses_a_taken_key(store: tuple[ObjectStore, Objects]) -> None:
     s, objects = store
-    assert s.put("k", b"one", md5_hex=md5(b"one"), content_type="image/png") == md5(b"one")
+    assert s.put("k", b"one", md5_hex=md5(b"one"), headers=ObjectHeaders("image/png")) == md5(b"one")
     with pytest.raises(KeyExistsError):
-        s.put("k", b"two", md5_hex=md5(b"two"), content_type="image/png")
+        s.put("k", b"two", md5_hex=md5(b"two"), headers=ObjectHeaders("image/png"))
     assert objects() == {"k": b"one"}
 
 
 def test_head_tells_size_and_md5_or_none(store: tuple[ObjectStore, Objects]) -> None:
     s, _ = store
-    s.put("k", b"one", md5_hex=md5(b"one"), content_type="image/png")
+    s.put("k", b"one", md5_hex=md5(b"one"), headers=ObjectHeaders("image/png"))
     info = s.head("k")
     assert info is not None and (info.size, info.md5, info.etag) == (3, md5(b"one"), md5(b"one"))
     assert s.head("nope") is None
@@ -79,11 +80,11 @@ def test_head_tells_size_and_md5_or_none(store: tuple[ObjectStore, Objects]) -> 
 def test_multipart_completes_with_the_composite_etag_and_never_overwrites(store: tuple[ObjectStore, Objects]) -> None:
     s, objects = store
     parts = [b"a" * (5 * MIB), b"b" * 100]
-    upload = s.create_multipart("big", md5_hex=md5(b"".join(parts)), content_type="video/mp4")
+    upload = s.create_multipart("big", md5_hex=md5(b"".join(parts)), headers=ObjectHeaders("video/mp4"))
     etags = [s.upload_part("big", upload, n, p) for n, p in enumerate(parts, start=1)]
     assert etags == [md5(p) for p in parts]
     assert s.complete_multipart("big", upload, etags) == composite_etag(etags)
-    other = s.create_multipart("big", md5_hex=md5(b"x"), content_type="video/mp4")
+    other = s.create_multipart("big", md5_hex=md5(b"x"), headers=ObjectHeaders("video/mp4"))
     other_etags = [s.upload_part("big", other, 1, b"x" * 10)]
     with pytest.raises(KeyExistsError):
         s.complete_multipart("big", other, other_etags)
@@ -100,7 +101,7 @@ def test_completing_an_unknown_upload_is_no_such_upload(store: tuple[ObjectStore
     if request.node.callspec.params["store"] == "s3":
         pytest.skip("moto 5.2.5 answers 500 InternalError here; S3 and R2 answer 404 NoSuchUpload")
     s, _ = store
-    upload = s.create_multipart("k", md5_hex=md5(b"x"), content_type="image/png")
+    upload = s.create_multipart("k", md5_hex=md5(b"x"), headers=ObjectHeaders("image/png"))
     etags = [s.upload_part("k", upload, 1, b"x")]
     s.abort_multipart("k", upload)
     with pytest.raises(PermanentStoreError) as err:
@@ -116,7 +117,7 @@ def test_transfer_round_trips_and_recognises_its_own_object(store: tuple[ObjectS
     s, objects = store
     data = os.urandom(size)
     (tmp_path / "a.bin").write_bytes(data)
-    transfer = Transfer(s, tmp_path, KeyBuilder("p/{relpath}", "p"), multipart_threshold=5 * MIB,
+    transfer = Transfer(s, tmp_path, Router.plain(KeyBuilder("p/{relpath}", "p")), multipart_threshold=5 * MIB,
                         part_size=5 * MIB, retry=lambda fn: fn(), ledger=Ledger())
     first = transfer.run(row(b"a.bin"))
     assert (first.outcome, objects()) == ("uploaded", {"p/a.bin": data})

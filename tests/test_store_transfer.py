@@ -16,6 +16,8 @@ from sidecar.config import load_settings
 from sidecar.errors import KeyExistsError, PermanentStoreError, TransientStoreError
 from sidecar.journal import FileRow
 from sidecar.keys import KeyBuilder
+from sidecar.routing import Router
+from sidecar.store import ObjectHeaders
 from sidecar.store_s3 import S3Store, make_client
 from sidecar.transfer import MAX_PARTS, MIB, Transfer, part_size_for
 
@@ -66,14 +68,14 @@ class Ledger:
 
 def make_transfer(store: S3Store, root: Path, threshold: int = 64 * MIB, part: int = 5 * MIB, *,
                   template: str = "pod/{relpath}", ledger: Ledger | None = None) -> Transfer:
-    return Transfer(store, root, KeyBuilder(template, "pod"), multipart_threshold=threshold, part_size=part,
-                    retry=once, ledger=ledger or Ledger())
+    return Transfer(store, root, Router.plain(KeyBuilder(template, "pod")), multipart_threshold=threshold,
+                    part_size=part, retry=once, ledger=ledger or Ledger())
 
 
 def test_put_is_one_r2_acceptable_request(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server, bucket: str) -> None:
     """A PUT passes R2's strict checks in exactly one request, with Content-MD5 and no checksum trailer."""
     data = b"png-bytes" * 100
-    etag = store.put("k/a.png", data, md5_hex=md5(data), content_type="image/png")
+    etag = store.put("k/a.png", data, md5_hex=md5(data), headers=ObjectHeaders("image/png"))
     assert etag == md5(data)
     (put,) = r2_proxy.requests
     assert put.method == "PUT" and put.status == 200
@@ -85,15 +87,15 @@ def test_put_is_one_r2_acceptable_request(store: S3Store, r2_proxy: R2Proxy, s3_
 
 def test_put_never_overwrites(store: S3Store) -> None:
     """A second PUT to a taken key raises KeyExistsError instead of replacing the object."""
-    store.put("k", b"one", md5_hex=md5(b"one"), content_type="image/png")
+    store.put("k", b"one", md5_hex=md5(b"one"), headers=ObjectHeaders("image/png"))
     with pytest.raises(KeyExistsError):
-        store.put("k", b"two", md5_hex=md5(b"two"), content_type="image/png")
+        store.put("k", b"two", md5_hex=md5(b"two"), headers=ObjectHeaders("image/png"))
 
 
 def test_head_reports_the_stores_md5(store: S3Store, s3_server: S3Server, bucket: str) -> None:
     """HEAD tells the content MD5 of an object -- the store's own single-part ETag, never metadata that
     claims otherwise -- or None for a missing key."""
-    store.put("k", b"one", md5_hex=md5(b"one"), content_type="image/png")
+    store.put("k", b"one", md5_hex=md5(b"one"), headers=ObjectHeaders("image/png"))
     info = store.head("k")
     assert info is not None and info.md5 == md5(b"one") and info.size == 3
     s3_server.direct.put_object(Bucket=bucket, Key="forged", Body=b"two", Metadata={"md5": md5(b"one")})
@@ -112,7 +114,7 @@ def test_errors_are_classified(store: S3Store, r2_proxy: R2Proxy, status: int, c
     """5xx and 429 are transient; 403 and 501 are permanent, with a hint for the operator."""
     r2_proxy.fail_all(status=status, code=code)
     with pytest.raises(kind) as info:
-        store.put("k", b"x", md5_hex=md5(b"x"), content_type="image/png")
+        store.put("k", b"x", md5_hex=md5(b"x"), headers=ObjectHeaders("image/png"))
     assert info.value.code == code and "PutObject" in str(info.value)
     if kind is PermanentStoreError:
         assert info.value.hint
@@ -126,7 +128,7 @@ def test_missing_bucket_and_unreachable_store(r2_proxy: R2Proxy, monkeypatch: py
     assert info.value.code == "NoSuchBucket" and "SIDECAR_BUCKET" in str(info.value)
     r2_proxy.down()
     with pytest.raises(TransientStoreError) as down:
-        store.put("k", b"x", md5_hex=md5(b"x"), content_type="image/png")
+        store.put("k", b"x", md5_hex=md5(b"x"), headers=ObjectHeaders("image/png"))
     assert down.value.code == "ConnectionError"
 
 
@@ -202,7 +204,7 @@ def test_an_answer_without_etag_is_not_an_upload(store: S3Store, r2_proxy: R2Pro
     the retry then settles it (a new PUT, or a 412 and a HEAD that shows our MD5)."""
     r2_proxy.answer_without_etag(1, forward=forward)
     with pytest.raises(TransientStoreError) as err:
-        store.put("k", b"one", md5_hex=md5(b"one"), content_type="image/png")
+        store.put("k", b"one", md5_hex=md5(b"one"), headers=ObjectHeaders("image/png"))
     assert err.value.code == "ETagMissing"
     assert s3_server.objects(bucket) == ({"k": b"one"} if forward else {})
 
@@ -280,7 +282,7 @@ def test_part_size_keeps_under_ten_thousand_parts() -> None:
 def test_put_signature_is_valid_for_odd_keys(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server,
                                              bucket: str, name: str) -> None:
     """Keys with spaces, %, :, +, & and emoji are signed so that a SigV4 verifier accepts them."""
-    store.put(name, b"odd", md5_hex=md5(b"odd"), content_type="image/png")
+    store.put(name, b"odd", md5_hex=md5(b"odd"), headers=ObjectHeaders("image/png"))
     assert s3_server.objects(bucket) == {name: b"odd"}
     (put,) = r2_proxy.puts()
     assert put.headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"  # https + Content-MD5, as boto3 does
@@ -294,7 +296,7 @@ def test_wrong_secret_is_refused_and_never_shown(r2_proxy: R2Proxy, bucket: str,
                              access_key_id="testing", secret_access_key="not-the-secret")
     store = S3Store(make_client(settings), bucket, secrets=["not-the-secret"])
     with pytest.raises(PermanentStoreError) as lean:
-        store.put("k", b"x", md5_hex=md5(b"x"), content_type="image/png")
+        store.put("k", b"x", md5_hex=md5(b"x"), headers=ObjectHeaders("image/png"))
     with pytest.raises(PermanentStoreError) as boto:
         store.head("k")
     assert lean.value.code == "SignatureDoesNotMatch" and lean.value.scope == "bucket"

@@ -19,6 +19,7 @@ from sidecar.errors import TransientStoreError
 from sidecar.journal import Candidate, FileRow, Journal
 from sidecar.keys import KeyBuilder
 from sidecar.metrics import Metrics
+from sidecar.routing import Router
 from sidecar.store_health import StoreHealth, StoreProbe
 from sidecar.store_s3 import S3Store, make_client
 from sidecar.transfer import MIB, FileChanged, Result, Transfer
@@ -59,8 +60,9 @@ def rig(tmp_path: Path, r2_proxy: R2Proxy, bucket: str, monkeypatch: pytest.Monk
     transfers: list[Transfer] = []
 
     def factory(retry: Any, progress: Any) -> Transfer:
-        transfers.append(Transfer(store, root, KeyBuilder("p/{relpath}", "p"), multipart_threshold=5 * MIB,
-                                  part_size=5 * MIB, retry=retry, ledger=journal, on_progress=progress))
+        keys = Router.plain(KeyBuilder("p/{relpath}", "p"))
+        transfers.append(Transfer(store, root, keys, multipart_threshold=5 * MIB, part_size=5 * MIB, retry=retry,
+                                  ledger=journal, on_progress=progress))
         return transfers[-1]
 
     uploader = Uploader(journal, factory, workers=2, policy=POLICY, metrics=metrics, health=health)
@@ -180,7 +182,7 @@ def test_no_credentials_pause_instead_of_stranding(tmp_path: Path, r2_proxy: R2P
     journal.record([Candidate(b"a.png", st.st_size, st.st_mtime_ns, "close", st.st_ino, st.st_ctime_ns)])
 
     def factory(retry: Any, progress: Any) -> Transfer:
-        return Transfer(store, tmp_path, KeyBuilder("p/{relpath}", "p"), multipart_threshold=5 * MIB,
+        return Transfer(store, tmp_path, Router.plain(KeyBuilder("p/{relpath}", "p")), multipart_threshold=5 * MIB,
                         part_size=5 * MIB, retry=retry, ledger=journal)
 
     uploader = Uploader(journal, factory, workers=1, policy=POLICY, metrics=Metrics(CollectorRegistry()),

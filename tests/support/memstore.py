@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 
 from sidecar.errors import KeyExistsError, PermanentStoreError, StoreError, TransientStoreError
-from sidecar.store import ObjectInfo, composite_etag
+from sidecar.store import ObjectHeaders, ObjectInfo, composite_etag
 
 
 @dataclass
@@ -68,7 +68,7 @@ class MemoryStore:
 
     # -- ObjectStore ---------------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes, *, md5_hex: str, content_type: str) -> str:
+    def put(self, key: str, data: bytes, *, md5_hex: str, headers: ObjectHeaders) -> str:
         lie = self._enter("PutObject", key)
         if hashlib.md5(data).hexdigest() != md5_hex:
             raise TransientStoreError("BadDigest (400)", operation="PutObject", key=key, code="BadDigest")
@@ -99,7 +99,7 @@ class MemoryStore:
             data = self.objects.get(key)
         return None if data is None else hashlib.md5(data).hexdigest()
 
-    def create_multipart(self, key: str, *, md5_hex: str, content_type: str) -> str:
+    def create_multipart(self, key: str, *, md5_hex: str, headers: ObjectHeaders) -> str:
         self._enter("CreateMultipartUpload", key)
         with self._lock:
             upload_id = f"upload-{next(self._ids)}"

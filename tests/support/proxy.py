@@ -178,6 +178,9 @@ class R2Rules:
     reject_crc64nvme: bool = True  # x-amz-checksum-crc64nvme header
     reject_empty_storage_class: bool = True  # x-amz-storage-class present but empty
     reject_tagging: bool = True  # x-amz-tagging header
+    max_metadata_bytes: int | None = 8192  # 400 MetadataTooLarge above this (x-amz-meta-* names + values)
+    # R2 storage classes; another value gets 400 InvalidStorageClass
+    storage_classes: tuple[str, ...] | None = ("STANDARD", "STANDARD_IA")
     max_key_bytes: int | None = 1024  # InvalidObjectName above this (utf-8 bytes)
     verify_content_md5: bool = True  # BadDigest / InvalidDigest
     enforce_if_none_match: bool = True  # 412 for PUT If-None-Match: * on an existing key
@@ -192,7 +195,8 @@ class R2Rules:
     def off(cls) -> R2Rules:
         return cls(
             reject_aws_chunked=False, reject_crc64nvme=False, reject_empty_storage_class=False,
-            reject_tagging=False, max_key_bytes=None, verify_content_md5=False,
+            reject_tagging=False, max_key_bytes=None, verify_content_md5=False, max_metadata_bytes=None,
+            storage_classes=None,
             enforce_if_none_match=False, equal_part_sizes=False, min_part_size=0, signing_secret=None,
             require_conditional_writes=False,
         )
@@ -777,6 +781,12 @@ class R2Proxy:
             unsupported = "x-amz-tagging"
         if unsupported is not None:
             return _Rejection(501, "NotImplemented", f"Header {unsupported} is not implemented")
+        meta = sum(len(k) - len("x-amz-meta-") + len(v) for k, v in h.items() if k.startswith("x-amz-meta-"))
+        if rules.max_metadata_bytes is not None and meta > rules.max_metadata_bytes:
+            return _Rejection(400, "MetadataTooLarge", f"Your metadata headers exceed the maximum allowed ({meta})")
+        storage = h.get("x-amz-storage-class", "").strip()
+        if rules.storage_classes is not None and storage and storage not in rules.storage_classes:
+            return _Rejection(400, "InvalidStorageClass", "The storage class you specified is not valid")
         return None
 
     def _check_key(self, rec: RecordedRequest, payload: bytes) -> _Rejection | None:
