@@ -112,6 +112,8 @@ def test_restart_with_nothing_changed_sends_no_request_and_uploads_only_new_file
     status = world.wait_idle(daemon)
     assert status["last_scan"]["trigger"] == "startup"
     assert world.proxy.requests == []
+    # The journal (what /status reads) is written before the log line: wait for the line, not for time.
+    wait_until(lambda: daemon.events("upload_unchanged"), timeout=10, message=daemon.output)
     assert [e["path"] for e in daemon.events("upload_unchanged")] == [first[0]]
     assert daemon.terminate() == 0
 
