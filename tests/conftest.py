@@ -21,6 +21,8 @@ from support.s3server import S3Server  # noqa: E402
 from support.tls import TlsFiles, make_tls_files  # noqa: E402
 from support.waiting import wait_until as _wait_until  # noqa: E402
 
+from sidecar.journal import Journal  # noqa: E402
+
 # moto's own minimum multipart part size (S3_UPLOAD_PART_MIN_SIZE) on the session server: 1 byte, so
 # multipart tests can use tiny parts. Use ``r2_proxy.rules.min_part_size = 5 * 1024 * 1024`` to get the
 # real R2 limit (EntityTooSmall) from the proxy instead.
@@ -117,3 +119,17 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for fragment, count in counts.items():
         if count:
             terminalreporter.write_line(f"{count} test(s) skipped: to run them, {HINTS[fragment]}")
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Journal:
+    """A fresh journal in ``tmp_path/state`` (a test module may define its own)."""
+    return Journal(tmp_path / "state" / "journal.sqlite3")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """An empty watched folder ``tmp_path/out`` (a test module may define its own)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    return out

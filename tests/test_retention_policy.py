@@ -7,7 +7,6 @@ import os
 import time
 from pathlib import Path
 
-import pytest
 from prometheus_client import CollectorRegistry
 from support.uploaded import uploaded
 
@@ -15,18 +14,6 @@ from sidecar.config import Settings
 from sidecar.journal import DELETED, Journal
 from sidecar.metrics import Metrics
 from sidecar.retention import EMPTY_DIR_AGE_S, Retention
-
-
-@pytest.fixture
-def journal(tmp_path: Path) -> Journal:
-    return Journal(tmp_path / "state" / "journal.sqlite3")
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    out = tmp_path / "out"
-    out.mkdir()
-    return out
 
 
 def make(root: Path, journal: Journal, clock: list[float] | None = None, **settings: object) -> Retention:

@@ -7,23 +7,10 @@ import os
 import threading
 from pathlib import Path
 
-import pytest
 from support.uploaded import uploaded
 
 from sidecar import safedelete
 from sidecar.journal import DELETED, Candidate, FileRow, Journal
-
-
-@pytest.fixture
-def journal(tmp_path: Path) -> Journal:
-    return Journal(tmp_path / "state" / "journal.sqlite3")
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    out = tmp_path / "out"
-    out.mkdir()
-    return out
 
 
 def delete(root: Path, row: FileRow, quiet_s: float = 0.0) -> safedelete.Verdict:
