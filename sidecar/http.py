@@ -150,7 +150,10 @@ def _bind(host: str, port: int, deadlines: Deadlines) -> _Listener:
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))  # no SO_REUSEPORT: a second daemon must not share the port
+        # SO_REUSEADDR: a restart must not fail on the last run's connections in TIME_WAIT (on Linux it never
+        # lets two sockets listen on one port). No SO_REUSEPORT: a second daemon must not share the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:

@@ -487,3 +487,17 @@ def test_an_idle_server_sleeps(make: Make) -> None:
     after = resource.getrusage(resource.RUSAGE_SELF)
     used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert used < 0.5, f"{used:.2f} CPU s in 2 s idle"
+
+
+def test_a_restart_binds_the_port_despite_connections_in_time_wait(make: Make) -> None:
+    """The server closes HTTP/1.0 connections first, leaving them in TIME_WAIT on its port; a new server on
+    that port (the daemon restarted by supervisord, a pod restarted with host networking) still binds."""
+    first = make()
+    port = first.port
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            assert conn.makefile("rb").read().startswith(b"HTTP/1.0 200")
+    first.stop()
+    again = make(port=port)
+    assert request(again.port, "/healthz").status == 200
