@@ -15,8 +15,10 @@ from support.proxy import R2Proxy
 from support.s3server import S3Server
 from support.waiting import wait_until
 
+from sidecar.config import Settings
 from sidecar.errors import PermanentStoreError
 from sidecar.keys import KeyBuilder, escape_unsafe
+from sidecar.routing import Router
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 MIB = 1024 * 1024
@@ -116,3 +118,26 @@ def test_a_template_that_leaves_a_segment_empty_fails_the_file_not_the_daemon() 
     with pytest.raises(PermanentStoreError, match=r"empty, '\.' or '\.\.' segment") as caught:
         KeyBuilder("{pod_id}/{ext}/{stem}", "p").key_for(b"README", mtime_ns=0, md5="0" * 32)
     assert caught.value.code == "InvalidObjectName"
+
+
+def test_route_sets_that_could_share_a_key_are_flagged() -> None:
+    """A template without {relpath} or {md5}, or two templates with overlapping literal heads, is flagged;
+    the default alone, or routes whose templates cannot overlap, are not."""
+    base = {"bucket": "b", "endpoint_url": "http://127.0.0.1:9"}
+    assert Router.from_settings(Settings(**base)).warnings() == []  # type: ignore[arg-type]
+    apart = [{"match": "video/*", "key_template": "videos/{relpath}"}]
+    separate = Settings(**base, key_template="images/{relpath}", routes=apart)  # type: ignore[arg-type]
+    assert Router.from_settings(separate).warnings() == []
+    flat = [{"match": "video/*", "key_template": "{pod_id}/{filename}"}]
+    warnings = Router.from_settings(Settings(**base, routes=flat)).warnings()  # type: ignore[arg-type]
+    assert any("neither {relpath} nor {md5}" in w for w in warnings), warnings
+    nested = [{"match": "video/*", "key_template": "{pod_id}/v/{relpath}"}]
+    (warning,) = Router.from_settings(Settings(**base, routes=nested)).warnings()  # type: ignore[arg-type]
+    assert "start alike" in warning
+
+
+def test_the_daemon_logs_a_possible_key_collision_at_start(world: World) -> None:
+    proc = world.start(routes=json.dumps([{"match": "video/*", "key_template": "{pod_id}/{filename}"}]))
+    lines = proc.events("key_routes_may_collide")
+    assert lines and all(line["level"] == "warning" for line in lines)
+    assert any("neither {relpath} nor {md5}" in line["problem"] for line in lines)
