@@ -294,6 +294,10 @@ def render_status(data: dict[str, object]) -> str:
     watcher = data.get("watcher", {})
     store = data.get("store", {})
     lines.append(f"  watcher: {watcher}   store: {store}")
+    retention = data.get("retention", {})
+    if isinstance(retention, dict) and retention.get("enabled"):
+        lines.append(f"  retention: free {retention.get('free_bytes')} of {retention.get('total_bytes')} bytes, "
+                     f"deleted since start {retention.get('deleted_since_start')}, dry run {retention.get('dry_run')}")
     failures = data.get("recent_failures", [])
     if isinstance(failures, list) and failures:
         lines.append("  recent failures:")

@@ -10,6 +10,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from support.uploaded import uploaded
 
+from sidecar.cli import render_status
 from sidecar.config import Settings
 from sidecar.journal import DELETED, Journal
 from sidecar.metrics import Metrics
@@ -106,3 +107,10 @@ def test_the_rate_limit_spaces_deletions(journal: Journal, root: Path) -> None:
     started = time.monotonic()
     assert retention.run_once().count == 30
     assert time.monotonic() - started >= 0.45
+
+
+def test_sidecar_status_shows_retention_when_enabled() -> None:
+    shown = render_status({"version": "x", "counts": {}, "retention": {
+        "enabled": True, "free_bytes": 10, "total_bytes": 100, "deleted_since_start": {"age": 3}, "dry_run": False}})
+    assert "  retention: free 10 of 100 bytes, deleted since start {'age': 3}, dry run False" in shown.splitlines()
+    assert "retention" not in render_status({"version": "x", "counts": {}, "retention": {"enabled": False}})
