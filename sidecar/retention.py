@@ -26,7 +26,7 @@ import structlog
 from sidecar import safedelete
 from sidecar.config import Settings
 from sidecar.errors import SidecarError, SourceFileError
-from sidecar.journal import Journal
+from sidecar.journal import FileRow, Journal
 from sidecar.localfile import open_parent
 from sidecar.metrics import Metrics
 from sidecar.sizes import floor_bytes, parse_bytes, parse_floor
@@ -138,7 +138,7 @@ class Retention:
         self._summarise(result)
         return result
 
-    def _delete(self, row: Any, why: str, result: PassResult) -> int:
+    def _delete(self, row: FileRow, why: str, result: PassResult) -> int:
         verdict = safedelete.delete(self.root, row, quiet_s=self.quiet_s, dry_run=self.dry_run)
         rel = os.fsdecode(row.path)
         if verdict.reason == "vanished":  # gone by other hands: the row says so, nothing was freed by us
