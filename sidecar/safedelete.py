@@ -115,8 +115,8 @@ def delete(root: Path, row: FileRow, *, quiet_s: float, dry_run: bool = False) -
 
 
 def _delete_in(folder: int, name: bytes, row: FileRow, *, quiet_s: float, dry_run: bool) -> Verdict:
-    if _quarantined(folder, row):  # a pass was cut short after its rename: finish it (or undo it) first
-        return _finish(folder, name, row, quiet_s=quiet_s)
+    if _quarantined(folder, row) and not dry_run:  # a pass cut short after its rename: finish it, or undo it
+        return _finish(folder, name, row)
     reason = check(folder, name, row, quiet_s=quiet_s, now_ns=time.time_ns())
     if reason is not None:
         return Verdict(False, reason)
@@ -124,7 +124,7 @@ def _delete_in(folder: int, name: bytes, row: FileRow, *, quiet_s: float, dry_ru
         return Verdict(True, "deleted", row.size)
     parked = QUARANTINE + str(row.id).encode()
     os.rename(name, parked, src_dir_fd=folder, dst_dir_fd=folder)
-    return _finish(folder, name, row, quiet_s=quiet_s)
+    return _finish(folder, name, row)
 
 
 def _quarantined(folder: int, row: FileRow) -> bool:
@@ -133,7 +133,7 @@ def _quarantined(folder: int, row: FileRow) -> bool:
     return False
 
 
-def _finish(folder: int, name: bytes, row: FileRow, *, quiet_s: float) -> Verdict:
+def _finish(folder: int, name: bytes, row: FileRow) -> Verdict:
     """The file of ``row`` sits at its quarantine name: unlink it if it is the uploaded version, else put
     it back under its name (never over a file that appeared there since)."""
     parked = QUARANTINE + str(row.id).encode()

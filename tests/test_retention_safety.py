@@ -192,3 +192,13 @@ def test_a_folder_flipping_between_real_and_a_link_never_costs_a_file_outside(
     assert all(p.read_bytes() == b"x" * p.stat().st_size for p in outside.iterdir())
     assert {v.reason for v in verdicts} <= {"deleted", "outside_root", "vanished", "changed"}
     assert sum(v.deleted for v in verdicts) + len(list(real.iterdir())) == len(rows)
+
+
+def test_a_dry_run_leaves_a_parked_file_alone(journal: Journal, root: Path) -> None:
+    """Even the finishing of an interrupted deletion waits for a real run: a dry run deletes nothing."""
+    row = uploaded(journal, root, "a.png", b"mine")
+    parked = root / f".sidecar-deleting-{row.id}"
+    os.rename(root / "a.png", parked)
+    assert not safedelete.delete(root, row, quiet_s=0.0, dry_run=True).deleted
+    assert parked.read_bytes() == b"mine"
+    assert delete(root, row).deleted and not parked.exists()
