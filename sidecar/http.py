@@ -106,10 +106,6 @@ class Deadlines:
         for sock in socks:
             _shut(sock)
 
-    def __len__(self) -> int:
-        with self._lock:
-            return sum(1 for conn in self._open.values() if conn.sock.fileno() != -1)
-
 
 def _shut(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):  # already closed by the event loop or by the peer

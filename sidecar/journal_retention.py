@@ -13,14 +13,17 @@ from sidecar.journal_schema import ROW_COLUMNS, SAME_VERSION, FileRow, claimed, 
 class RetentionLedger(Database):
     """Queries and the deleted transition, on the journal database."""
 
-    def deletable(self, limit: int, *, after: tuple[float, int] = (0.0, 0)) -> list[tuple[FileRow, float]]:
+    def deletable(
+        self, limit: int, *, after: tuple[float, int] = (0.0, 0), before: float | None = None,
+    ) -> list[tuple[FileRow, float]]:
         """Uploaded rows with a proven ETag and MD5 and their upload times, oldest upload first (``id``
-        breaks ties), starting after the ``(uploaded_at, id)`` cursor ``after``."""
+        breaks ties), starting after the ``(uploaded_at, id)`` cursor ``after``; only those uploaded at or
+        before ``before`` if given."""
         rows = self._read(
             f"SELECT {ROW_COLUMNS}, uploaded_at FROM files WHERE state = 'uploaded' AND etag IS NOT NULL "  # noqa: S608
             "AND md5 IS NOT NULL AND uploaded_at IS NOT NULL AND (uploaded_at, id) > (:at, :id) "
-            "ORDER BY uploaded_at, id LIMIT :limit",
-            {"at": after[0], "id": after[1], "limit": limit},
+            "AND uploaded_at <= :before ORDER BY uploaded_at, id LIMIT :limit",
+            {"at": after[0], "id": after[1], "limit": limit, "before": float("inf") if before is None else before},
         )
         return [(row_of(r), float(r[-1])) for r in rows]  # type: ignore[arg-type]
 

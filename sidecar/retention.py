@@ -15,7 +15,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -112,31 +112,38 @@ class Retention:
         result = PassResult()
         reason, need = self.pressure()
         age_cutoff = None if self.delete_after_s is None else self._clock() - self.delete_after_s
-        cursor = (0.0, 0)
-        while not (stop is not None and stop.is_set()):
-            page = self._journal.deletable(PAGE, after=cursor)
-            if not page:
+        if need > 0:
+            rows = self._uploaded(stop)
+        elif age_cutoff is not None:  # only aged rows can go: the journal skips the rest (most passes find none)
+            rows = self._uploaded(stop, before=age_cutoff)
+        else:
+            rows = iter(())
+        for row, uploaded_at in rows:
+            aged = age_cutoff is not None and uploaded_at <= age_cutoff
+            if not aged and need <= 0:
+                break  # rows come in upload order: nothing later is due either
+            if not self.may_touch(os.fsdecode(row.path)) or (self.dry_run and row.id in self._reported):
+                continue
+            if not self._wait_token(stop):
                 break
-            for row, uploaded_at in page:
-                cursor = (uploaded_at, row.id)
-                aged = age_cutoff is not None and uploaded_at <= age_cutoff
-                if not aged and need <= 0:
-                    page = []  # rows are in upload order: nothing further is due either
-                    break
-                rel = os.fsdecode(row.path)
-                if not self.may_touch(rel) or (self.dry_run and row.id in self._reported):
-                    continue
-                why = "age" if aged else reason
-                if not self._wait_token(stop):
-                    break
-                freed = self._delete(row, why, result)
-                need -= freed
-            if not page:
-                break
+            need -= self._delete(row, "age" if aged else reason, result)
         self._rmdir_emptied()
-        result.over = (reason if need > 0 else "") if self.dry_run else self.pressure()[0]
+        if self.dry_run or not (reason or result.count):  # nothing changed on disk: no need to look again
+            result.over = reason if need > 0 else ""
+        else:
+            result.over = self.pressure()[0]
         self._summarise(result)
         return result
+
+    def _uploaded(self, stop: threading.Event | None, before: float | None = None) -> Iterator[tuple[FileRow, float]]:
+        """Every deletable row with its upload time, oldest first, a page at a time until ``stop``."""
+        cursor = (0.0, 0)
+        while not (stop is not None and stop.is_set()):
+            page = self._journal.deletable(PAGE, after=cursor, before=before)
+            if not page:
+                return
+            yield from page
+            cursor = (page[-1][1], page[-1][0].id)
 
     def _delete(self, row: FileRow, why: str, result: PassResult) -> int:
         verdict = safedelete.delete(self.root, row, quiet_s=self.quiet_s, dry_run=self.dry_run)

@@ -222,13 +222,19 @@ class S3Store:
         )
         return _proven(_etag(response), md5_hex, operation="PutObject", key=key)
 
-    def head(self, key: str) -> ObjectInfo | None:
+    def _existing(self, operation: str, key: str, fn: Callable[..., Any]) -> Any:
+        """The answer of a read of ``key``, or None when the key does not exist (404)."""
         try:
-            response = self._call("HeadObject", key, self._client.head_object, Key=key)
+            return self._call(operation, key, fn, Key=key)
         except PermanentStoreError as exc:
             if exc.code in ("NoSuchKey", "NotFound"):
                 return None
             raise
+
+    def head(self, key: str) -> ObjectInfo | None:
+        response = self._existing("HeadObject", key, self._client.head_object)
+        if response is None:
+            return None
         etag = _etag(response)
         claimed = response.get("Metadata", {}).get(MD5_METADATA)
         # A single-part ETag is the store's own MD5 of what it holds: believe it over metadata anyone can set.
@@ -237,12 +243,9 @@ class S3Store:
                           claimed_md5=claimed)
 
     def read_md5(self, key: str) -> str | None:
-        try:
-            response = self._call("GetObject", key, self._client.get_object, Key=key)
-        except PermanentStoreError as exc:
-            if exc.code in ("NoSuchKey", "NotFound"):
-                return None
-            raise
+        response = self._existing("GetObject", key, self._client.get_object)
+        if response is None:
+            return None
         digest = hashlib.md5(usedforsecurity=False)
         body = response["Body"]
         try:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.daemon import DaemonProcess
 from support.e2e import World
 from support.waiting import wait_until
 
@@ -65,12 +66,26 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-def counter(world: World, proc: object, name: str, **labels: str) -> float:
-    text = world.metrics(proc)  # type: ignore[arg-type]
+def counter(world: World, proc: DaemonProcess, name: str, **labels: str) -> float:
+    text = world.metrics(proc)
     selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     pattern = rf"^{name}{{{re.escape(selector)}}} (\S+)$" if labels else rf"^{name} (\S+)$"
     match = re.search(pattern, text, flags=re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+def uploaded_then_stopped(world: World, folder: str, count: int, size: int, *, stop: bool = True) -> DaemonProcess:
+    """``count`` files of ``size`` bytes in ``folder``, uploaded by a daemon that is then stopped (unless not)."""
+    for n in range(count):
+        rel = world.remember(f"{folder}/f_{n:03d}.png", os.urandom(size))
+        world.path(rel).parent.mkdir(exist_ok=True)
+        world.path(rel).write_bytes(world.written[rel])
+    proc = world.start()
+    world.wait_in_bucket(list(world.written), proc)
+    world.wait_idle(proc)
+    if stop:
+        assert proc.terminate() == 0
+    return proc
 
 
 class Writer:
@@ -165,14 +180,7 @@ def test_a_throttled_store_slows_deletion_but_never_lets_an_unverified_file_go(w
 def test_kill_9_during_pruning_loses_nothing(world: World) -> None:
     """40 uploaded files, retention at 5 deletions/s, kill -9 mid-way, restart: every file ends up deleted
     exactly once, nothing is left under a quarantine name, and the bucket holds every file's bytes."""
-    for n in range(40):
-        rel = world.remember(f"batch/f_{n:03d}.png", os.urandom(8 * KIB))
-        world.path(rel).parent.mkdir(exist_ok=True)
-        world.path(rel).write_bytes(world.written[rel])
-    proc = world.start()
-    world.wait_in_bucket(list(world.written), proc)
-    world.wait_idle(proc)
-    assert proc.terminate() == 0
+    uploaded_then_stopped(world, "batch", 40, 8 * KIB)
     proc = world.start(delete_after_s=0, retention_rate=5)
     wait_until(lambda: len(proc.events("retention_deleted")) >= 3, timeout=30, message=proc.output)
     proc.kill()
@@ -214,13 +222,7 @@ def test_excluded_paths_are_never_deleted(world: World) -> None:
 def test_prune_dry_run_then_prune(world: World) -> None:
     """`sidecar prune --dry-run` lists and deletes nothing; `sidecar prune` deletes down to the limit and
     exits 0; beside a running daemon it exits 2 naming it; without a policy it exits 2."""
-    for n in range(10):
-        rel = world.remember(f"p/f_{n}.png", os.urandom(10 * KIB))
-        world.path(rel).parent.mkdir(exist_ok=True)
-        world.path(rel).write_bytes(world.written[rel])
-    proc = world.start()
-    world.wait_in_bucket(list(world.written), proc)
-    world.wait_idle(proc)
+    proc = uploaded_then_stopped(world, "p", 10, 10 * KIB, stop=False)
     code, out, err = world.cli("prune", keep_max_bytes="50KiB")
     assert code == 2 and re.fullmatch(r"sidecar: .*\b(PID|pid) \d+.*\n", err), (code, out, err)
     assert proc.terminate() == 0
