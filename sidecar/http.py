@@ -95,8 +95,8 @@ class Deadlines:
                     overdue.append(conn.sock)
                     del self._open[key]
         for sock in overdue:
+            self.on_cut()  # counted before the peer can see the end of the stream
             _shut(sock)  # the event loop sees end-of-stream and closes the channel itself
-            self.on_cut()
         return len(overdue)
 
     def cut_all(self) -> None:
