@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 from sidecar.addresses import check_endpoint_url, is_loopback
 from sidecar.errors import ConfigError
+from sidecar.jobs_config import check_http_url, check_jobs, check_manifest_template, shown_url
 from sidecar.object_config import (
     RouteSpec,
     check_disposition,
@@ -112,6 +113,16 @@ class Settings(BaseSettings):
     retention_dry_run: bool = False
     retention_rate: float = Field(default=20.0, gt=0, le=10_000)  # deletions per second at most
 
+    # Jobs: which ComfyUI prompt wrote each file, manifests, URLs, webhooks (sidecar.jobs); "" turns it off.
+    comfyui_url: str = "http://127.0.0.1:8188"
+    comfyui_poll_s: float = Field(default=0.5, ge=0.05, le=60)
+    prompt_wait_s: float = Field(default=300.0, ge=0, le=86_400)  # {prompt_id} in a key: hold a file this long
+    manifest_key: str = "{pod_id}/_jobs/{prompt_id}.json"
+    public_base_url: str = ""
+    presign_ttl_s: int = Field(default=0, ge=0, le=604_800)  # R2 and S3 cap presigned URLs at 7 days
+    webhook_url: str = ""
+    webhook_secret: SecretStr | None = None
+
     @field_validator("delete_after_s", mode="before")
     @classmethod
     def _empty_is_off(cls, value: Any) -> Any:
@@ -176,6 +187,21 @@ class Settings(BaseSettings):
     def _check_url(cls, value: str) -> str:
         return check_endpoint_url(value)
 
+    @field_validator("comfyui_url", "public_base_url")
+    @classmethod
+    def _check_http_url(cls, value: str) -> str:
+        return check_http_url(value.strip())
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, value: str) -> str:
+        return check_http_url(value.strip(), query=True)
+
+    @field_validator("manifest_key")
+    @classmethod
+    def _check_manifest(cls, value: str) -> str:
+        return check_manifest_template(value.strip())
+
     @field_validator("r2_account_id")
     @classmethod
     def _check_account(cls, value: str) -> str:
@@ -211,6 +237,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_objects(self) -> Settings:
         check_objects(self, r2=self.is_r2)
+        check_jobs(self)
         return self
 
     @property
@@ -250,6 +277,8 @@ class Settings(BaseSettings):
                 value = "**********"
             elif isinstance(value, Path):
                 value = str(value)
+            elif name == "webhook_url" and value:
+                value = shown_url(value)
             elif name == "routes":
                 value = [route.model_dump(exclude_none=True) for route in value]
             data[name] = value
@@ -270,7 +299,7 @@ class Settings(BaseSettings):
 SECRET_FIELDS = frozenset(
     name for name, field in Settings.model_fields.items() if "SecretStr" in str(field.annotation)
 )
-UNECHOED = SECRET_FIELDS | {"endpoint_url"}  # a URL may carry user:password@
+UNECHOED = SECRET_FIELDS | {"endpoint_url", "webhook_url"}  # a URL may carry user:password@ or a token
 
 
 def _format_error(exc: ValidationError) -> str:

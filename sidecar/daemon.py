@@ -26,15 +26,21 @@ from prometheus_client import CollectorRegistry
 from sidecar import __version__
 from sidecar.addresses import is_loopback
 from sidecar.backoff import RetryPolicy
+from sidecar.comfyui import ComfyClient
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, SidecarError, StoreError
 from sidecar.filters import PathFilter
 from sidecar.folders import check_folders
 from sidecar.health import Canary
 from sidecar.intake import Intake
-from sidecar.journal import FAILED, PENDING, UPLOADED, open_journal
+from sidecar.jobs import Jobs
+from sidecar.jobs_http import JobsApi
+from sidecar.journal import FAILED, PENDING, UPLOADED, UPLOADING, open_journal
+from sidecar.journal_jobs import RUNNING as RUNNING_JOB
+from sidecar.journal_jobs import UPLOADING as UPLOADING_JOB
 from sidecar.maintenance import Maintenance
 from sidecar.metrics import STORE_STATES, DiskCollector, JournalCollector, Metrics
+from sidecar.metrics_jobs import JobCollector, JobMetrics
 from sidecar.retention import Retention, disk_usage
 from sidecar.routing import Router
 from sidecar.scanner import Scanner
@@ -44,8 +50,11 @@ from sidecar.store_health import StoreHealth, StoreProbe
 from sidecar.store_s3 import S3Store, make_client
 from sidecar.transfer import Transfer
 from sidecar.uploader import Uploader
+from sidecar.urls import Urls
 from sidecar.views import Views
+from sidecar.waits import MAX_WAITERS, Waits
 from sidecar.watcher import Watcher
+from sidecar.webhooks import Webhooks
 
 log = structlog.get_logger("sidecar.daemon")
 
@@ -93,7 +102,8 @@ class Daemon:
 
         def transfer_factory(retry: Any, progress: Callable[[int, int], None]) -> Transfer:
             return Transfer(self.store, self.root, self.router, multipart_threshold=settings.multipart_threshold,
-                            part_size=settings.part_size, retry=retry, ledger=self.journal, on_progress=progress)
+                            part_size=settings.part_size, retry=retry, ledger=self.journal, on_progress=progress,
+                            prompt_wait_s=settings.prompt_wait_s)
 
         policy = RetryPolicy(settings.max_attempts, settings.retry_base_s, settings.retry_cap_s)
         self.uploader = Uploader(self.journal, transfer_factory, workers=settings.workers, policy=policy,
@@ -104,8 +114,11 @@ class Daemon:
                                quiet_s=settings.quiet_s)
         self.canary = Canary(self.root)
         path_filter = PathFilter(settings.extensions, settings.include, settings.exclude)
+        self.waits = Waits(MAX_WAITERS)
+        self.jobs, self.webhooks = self._build_jobs(settings, path_filter)
+        self.uploader.on_outcome = self._on_outcome
         self.intake = Intake(canary=self.canary, path_filter=path_filter, settler=self.settler, journal=self.journal,
-                             metrics=self.metrics, wake=self.uploader.wake,
+                             metrics=self.metrics, wake=self._on_recorded,
                              want_dir=lambda rel: self.maintenance.want_dir(rel))  # noqa: PLW0108 - built below
         self.scanner = Scanner(self.root, journal=self.journal, path_filter=path_filter, offer=self.settler.offer,
                                backlog=self.settler.__len__, stop=self._stop)
@@ -120,8 +133,30 @@ class Daemon:
         self.views = Views(settings=settings, journal=self.journal, uploader=self.uploader, settler=self.settler,
                            watcher=self.watcher, canary=self.canary, maintenance=self.maintenance,
                            health=self.health, endpoint=self.store.endpoint, threads=lambda: self._threads,
-                           retention=self.retention)
+                           retention=self.retention, jobs=self.jobs)
+        self.jobs_api = JobsApi(jobs=self.jobs, waits=self.waits, idle=self.idle, flush=self._flush)
         self.http: Any = None
+
+    def _build_jobs(self, settings: Settings, path_filter: PathFilter) -> tuple[Jobs | None, Webhooks | None]:
+        """Job tracking (sidecar.jobs) when SIDECAR_COMFYUI_URL is set, with its webhooks if configured."""
+        if not settings.comfyui_url:
+            return None, None
+        metrics = JobMetrics(self.registry)
+        webhooks = None
+        if settings.webhook_url and settings.webhook_secret is not None:
+            webhooks = Webhooks(settings.webhook_url, settings.webhook_secret.get_secret_value(),
+                                journal=self.journal, metrics=metrics)
+        urls = Urls(public_base_url=settings.public_base_url, presign=self.store.presign_get,
+                    ttl_s=settings.presign_ttl_s)
+        jobs = Jobs(client=ComfyClient(settings.comfyui_url), journal=self.journal, store=self.store, root=self.root,
+                    path_filter=path_filter, urls=urls, pod_id=settings.pod_id,
+                    manifest_template=settings.manifest_key, metrics=metrics, waits=self.waits,
+                    wake_uploader=self.uploader.wake, wake_webhooks=webhooks.wake if webhooks else None,
+                    poll_s=settings.comfyui_poll_s)
+        self.registry.register(JobCollector(self.journal.job_counts, self.journal.webhook_backlog,
+                                            lambda: jobs.comfy_up))
+        self.uploader.on_held = metrics.held_for_prompt.inc
+        return jobs, webhooks
 
     # -- wiring callbacks ------------------------------------------------------------------------------
 
@@ -134,6 +169,33 @@ class Daemon:
         self.metrics.store_reachable.set(0 if state == "down" else 1)
         for name in STORE_STATES:
             self.metrics.store_state.labels(state=name).set(1 if name == state else 0)
+
+    def _on_recorded(self) -> None:
+        """New files are in the journal: upload them; a ComfyUI prompt is probably running."""
+        self.uploader.wake()
+        if self.jobs is not None:
+            self.jobs.poke()
+
+    def _on_outcome(self) -> None:
+        if self.jobs is not None:
+            self.jobs.wake()
+        self.waits.changed()
+
+    def _flush(self) -> int:
+        """Every pending file due now (``/idle?flush=1``, ``sidecar flush``)."""
+        count = self.journal.due_now()
+        self.uploader.wake()
+        return count
+
+    def idle(self) -> dict[str, Any]:
+        """Nothing left to store: no file pending, uploading or settling, no finished prompt still open."""
+        stats = self.journal.stats()
+        counts = self.journal.job_counts() if self.jobs is not None else {}
+        doc: dict[str, Any] = {"pending": stats[PENDING][0], "uploading": stats[UPLOADING][0],
+                               "settling": len(self.settler), "jobs_running": counts.get(RUNNING_JOB, 0),
+                               "jobs_uploading": counts.get(UPLOADING_JOB, 0)}
+        doc = {"idle": not any(doc.values()), **doc, "failed": stats[FAILED][0]}
+        return doc
 
     def _journal_lost(self, problem: str) -> None:
         """The journal file is gone or replaced: our writes no longer reach the file a restart reads. Restart
@@ -183,6 +245,12 @@ class Daemon:
         if self.retention is not None:
             retention = self.retention
             self._spawn("retention", lambda: retention.run(self._stop))
+        if self.jobs is not None:
+            jobs = self.jobs
+            self._spawn("jobs", lambda: jobs.run(self._stop))
+        if self.webhooks is not None:
+            webhooks = self.webhooks
+            self._spawn("webhooks", lambda: webhooks.run(self._stop))
         log.info("daemon_started", watcher_mode=self.watcher.mode, workers=self.settings.workers)
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
@@ -196,6 +264,8 @@ class Daemon:
         self._stop.set()
         self.maintenance.wake()
         self.watcher.stop()
+        if self.webhooks is not None:
+            self.webhooks.stop()
         drained = self.uploader.stop(max(0.0, deadline - time.monotonic()))
         if not drained:  # uploads cut by the deadline go back to pending now, not only at the next start
             try:
@@ -232,4 +302,5 @@ def build_daemon(settings: Settings, *, registry: CollectorRegistry | None = Non
                              health=daemon.views.health, ready=daemon.views.ready, status=daemon.views.status,
                              on_unauthorized=daemon.metrics.http_unauthorized.inc,
                              on_cut=daemon.metrics.http_cut.inc)
+    daemon.http.routes.more_routes = daemon.jobs_api.handle
     return daemon

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.http_app import Probe, Routes
+from sidecar.waits import MAX_WAITERS
 
 log = structlog.get_logger(__name__)
 
@@ -39,7 +40,7 @@ HEAD_DEADLINE_S = 10.0  # from accept (or the previous answer) to a complete req
 MAX_CONNECTIONS = 1024  # open client connections; beyond it new ones wait in the listen backlog
 FD_RESERVE = 256  # descriptors kept for the daemon itself (journal, inotify, the store's pool)
 MAX_HEADER_BYTES = 16 * 1024
-WORKER_THREADS = 4
+WORKER_THREADS = MAX_WAITERS + 4  # long polls (sidecar.waits) never take the last four
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The WSGI application behind the HTTP port: ``/metrics``, ``/healthz``, ``/readyz`` and ``/status``.
+"""The WSGI application behind the HTTP port: ``/metrics``, ``/healthz``, ``/readyz``, ``/status`` and the
+job routes of :mod:`sidecar.jobs_http` (``/jobs``, ``/idle``).
 
 ``/metrics`` is prometheus_client's own WSGI app, so content negotiation (OpenMetrics for a scraper that asks
 for it, gzip when accepted, ``name[]`` filters) is the library's, not ours. With a token, every path except
@@ -26,8 +27,10 @@ Hook = Callable[[WSGIEnvironment], None]
 OPEN_PATHS = frozenset({"/healthz"})
 JSON_TYPE = "application/json"
 METHODS = ("GET", "HEAD")
-REASONS = {200: "OK", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
-           503: "Service Unavailable"}
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+           429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+# More routes (sidecar.jobs_http): (path, query string) -> (status, document), or None for a path not theirs.
+Extra = Callable[[str, str], "tuple[int, dict[str, Any]] | None"]
 
 
 def _json(data: dict[str, Any]) -> bytes:
@@ -47,6 +50,7 @@ class Routes:
         self.ready = ready
         self.status = status
         self.on_unauthorized = on_unauthorized
+        self.more_routes: Extra = lambda _path, _query: None
         # Set by the server: called when a request reaches the app and when its answer is ready.
         self.on_begin: Hook = lambda _environ: None
         self.on_end: Hook = lambda _environ: None
@@ -85,7 +89,7 @@ class Routes:
         try:
             if path == "/metrics":
                 return self._metrics(environ, start_response)
-            code, body = self._route(path)
+            code, body = self._route(path, str(environ.get("QUERY_STRING", "")))
         except Exception as exc:  # a probe's bug must not kill the thread or leak its message
             log.error("http_handler_failed", path=path, error=type(exc).__name__, exc_info=True)
             code, body = 500, _json({"ok": False, "error": type(exc).__name__})
@@ -101,7 +105,7 @@ class Routes:
         body = list(self.metrics_app(environ, recording))  # the library's app renders eagerly; list() is cheap
         return (seen[0] if seen else 500), body
 
-    def _route(self, path: str) -> tuple[int, bytes]:
+    def _route(self, path: str, query: str) -> tuple[int, bytes]:
         if path in ("/healthz", "/readyz"):
             ok, details = (self.health if path == "/healthz" else self.ready)()
             data: dict[str, Any] = {"ok": bool(ok)}
@@ -109,6 +113,9 @@ class Routes:
             return (200 if ok else 503), _json(data)
         if path == "/status":
             return 200, _json(self.status())
+        answer = self.more_routes(path, query)
+        if answer is not None:
+            return answer[0], _json(answer[1])
         return 404, _json({"error": "not_found"})
 
 

@@ -6,7 +6,7 @@ describe the last *successful* upload and survive a change, so the uploader can 
 rewrite (no request) from new content under a reused name (a new key). An outcome written for a version
 older than the one recorded since (the file changed during its upload) sends the row back to
 ``pending`` instead: a newer version is never parked untried. Every SQL statement of the project lives
-in this module and in :mod:`sidecar.journal_retention` (uploaded → deleted).
+in this module, in :mod:`sidecar.journal_retention` (uploaded → deleted) and in :mod:`sidecar.journal_jobs`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from sidecar.journal_db import JournalCorrupt
+from sidecar.journal_jobs import JobLedger
 from sidecar.journal_retention import RetentionLedger
 from sidecar.journal_schema import (
     DELETED,
@@ -53,8 +54,8 @@ __all__ = [
     "open_journal",
 ]
 
-class Journal(RetentionLedger):
-    """The file state machine on the journal database (retention's transitions in the base). Thread-safe."""
+class Journal(JobLedger, RetentionLedger):
+    """The file state machine on the journal database (jobs' and retention's tables in the bases). Thread-safe."""
 
     # -- discovery ----------------------------------------------------------------------------------
 
@@ -80,7 +81,7 @@ class Journal(RetentionLedger):
                         state = CASE files.state WHEN 'uploading' THEN 'uploading' ELSE 'pending' END,
                         source = excluded.source, attempts = 0, next_attempt_at = 0, last_error = NULL,
                         error_class = NULL, discovered_at = excluded.discovered_at, updated_at = excluded.updated_at,
-                        deleted_at = NULL, delete_reason = NULL
+                        deleted_at = NULL, delete_reason = NULL, prompt_id = NULL, node_id = NULL
                     WHERE files.size != excluded.size OR files.mtime_ns != excluded.mtime_ns
                         OR files.ino != excluded.ino OR files.ctime_ns != excluded.ctime_ns
                         OR files.state = 'skipped'

@@ -67,6 +67,40 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE files ADD COLUMN delete_reason TEXT;
     CREATE INDEX files_uploaded ON files (state, uploaded_at);
     """,
+    """
+    -- jobs: which ComfyUI prompt wrote a file (sidecar.jobs); NULL until ComfyUI lists it
+    ALTER TABLE files ADD COLUMN prompt_id TEXT;
+    ALTER TABLE files ADD COLUMN node_id TEXT;
+    CREATE TABLE jobs (
+        prompt_id       TEXT PRIMARY KEY,
+        comfy_status    TEXT NOT NULL,             -- ComfyUI's: pending, in_progress, completed, failed; or lost
+        state           TEXT NOT NULL,             -- ours: running, uploading, complete, failed
+        create_time     REAL, start_time REAL, end_time REAL,   -- ComfyUI's times, epoch seconds
+        error           TEXT,                      -- ComfyUI's error, or why the job failed here
+        seen_at         REAL NOT NULL,             -- first heard of
+        finished_at     REAL,                      -- when ComfyUI was first seen reporting it finished
+        done_at         REAL,                      -- when it became complete or failed here
+        manifest_key    TEXT, manifest_etag TEXT,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        last_error      TEXT
+    );
+    CREATE INDEX jobs_open ON jobs (state, next_attempt_at);
+    CREATE INDEX jobs_seen ON jobs (seen_at);
+    CREATE TABLE job_files (
+        prompt_id TEXT NOT NULL, path BLOB NOT NULL, node_id TEXT NOT NULL, position INTEGER NOT NULL,
+        cached    INTEGER NOT NULL DEFAULT 0,      -- listed by a node ComfyUI answered from its cache
+        PRIMARY KEY (prompt_id, path)
+    );
+    CREATE INDEX job_files_path ON job_files (path);
+    -- the webhook outbox (sidecar.webhooks): delivered at least once, across restarts
+    CREATE TABLE webhooks (
+        id TEXT PRIMARY KEY, prompt_id TEXT, body BLOB NOT NULL, created_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL DEFAULT 0,
+        delivered_at REAL, last_error TEXT
+    );
+    CREATE INDEX webhooks_due ON webhooks (delivered_at, next_attempt_at);
+    """,
 )
 
 Version = tuple[int, int, int, int]
@@ -107,6 +141,7 @@ class FileRow:
     ino: int = 0
     ctime_ns: int = 0
     error_class: str | None = None
+    prompt_id: str | None = None
 
     @property
     def version(self) -> Version:
@@ -131,7 +166,7 @@ class Candidate:
 
 ROW_COLUMNS = (
     "id, path, size, mtime_ns, state, source, attempts, discovered_at, md5, key, etag, upload_id, last_error, "
-    "ino, ctime_ns, error_class"
+    "ino, ctime_ns, error_class, prompt_id"
 )
 
 
@@ -141,4 +176,5 @@ def row_of(r: Sequence[Any], state: str | None = None) -> FileRow:
         id=int(r[0]), path=bytes(r[1]), size=int(r[2]), mtime_ns=int(r[3]), state=state or str(r[4]),
         source=str(r[5]), attempts=int(r[6]), discovered_at=float(r[7]), md5=r[8], key=r[9], etag=r[10],
         upload_id=r[11], last_error=r[12], ino=int(r[13]), ctime_ns=int(r[14]), error_class=r[15],
+        prompt_id=r[16],
     )

@@ -1,7 +1,8 @@
 """Object keys: built from ``SIDECAR_KEY_TEMPLATE``, checked against the store's limit.
 
 Placeholders: ``{pod_id}``, ``{relpath}`` (``/``-separated), ``{filename}``, ``{stem}``, ``{ext}``,
-``{date}`` (UTC date of the file's mtime, ``YYYY-MM-DD``) and ``{md5}``. Bytes of a path that are not
+``{date}`` (UTC date of the file's mtime, ``YYYY-MM-DD``), ``{md5}`` and ``{prompt_id}`` (the ComfyUI prompt
+that wrote the file, or ``no-prompt``: see :mod:`sidecar.jobs`). Bytes of a path that are not
 valid UTF-8, and control characters (tab, newline, ...: S3 listings are XML, which cannot carry most of them,
 and servers and tools mishandle the rest; moto answers a PUT of ``a\nb`` with a bare 404), are written as
 ``%XX`` so every key is printable UTF-8, and so is ``%`` itself (``%25``), so no two paths share a key.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from sidecar.errors import PermanentStoreError
 
 MAX_KEY_BYTES = 1024
+NO_PROMPT = "no-prompt"  # {prompt_id} of a file no ComfyUI prompt claimed within SIDECAR_PROMPT_WAIT_S
 VARIANT_HASH_CHARS = 12
 
 
@@ -58,7 +60,12 @@ class KeyBuilder:
     pod_id: str
     escape_unsafe: bool = False  # SIDECAR_KEY_ESCAPE=unsafe
 
-    def key_for(self, relpath: bytes, *, mtime_ns: int, md5: str) -> str:
+    @property
+    def needs_prompt(self) -> bool:
+        """The template has ``{prompt_id}``: a file waits for ComfyUI to name its prompt (sidecar.jobs)."""
+        return "{prompt_id}" in self.template
+
+    def key_for(self, relpath: bytes, *, mtime_ns: int, md5: str, prompt_id: str | None = None) -> str:
         """The key this file's content is stored under, unless that key already holds other bytes.
 
         Raises a permanent ``InvalidObjectName`` for a key with an empty, ``.`` or ``..`` segment (a
@@ -74,7 +81,8 @@ class KeyBuilder:
         if "{date}" in self.template:  # strftime per file shows in the burst profile; most templates lack it
             date = dt.datetime.fromtimestamp(mtime_ns / 1e9, tz=dt.UTC).strftime("%Y-%m-%d")
         key = self.template.format(
-            pod_id=self.pod_id, relpath=rel, filename=filename, stem=stem, ext=ext, date=date, md5=md5
+            pod_id=self.pod_id, relpath=rel, filename=filename, stem=stem, ext=ext, date=date, md5=md5,
+            prompt_id=prompt_id or NO_PROMPT,
         )
         if key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
             raise PermanentStoreError(

@@ -11,15 +11,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-KEY_FIELDS = ("pod_id", "relpath", "filename", "stem", "ext", "date", "md5")
+KEY_FIELDS = ("pod_id", "relpath", "filename", "stem", "ext", "date", "md5", "prompt_id")
 SAMPLE = {"pod_id": "pod", "relpath": "day/ComfyUI_00001_.png", "filename": "ComfyUI_00001_.png",
-          "stem": "ComfyUI_00001_", "ext": "png", "date": "2026-12-01", "md5": "0" * 32}
+          "stem": "ComfyUI_00001_", "ext": "png", "date": "2026-12-01", "md5": "0" * 32,
+          "prompt_id": "0f6e1b2a-prompt"}
 R2_STORAGE_CLASSES = ("STANDARD", "STANDARD_IA")
 S3_STORAGE_CLASSES = ("STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
                       "GLACIER", "DEEP_ARCHIVE", "GLACIER_IR", "OUTPOSTS", "EXPRESS_ONEZONE", "SNOW")
 R2_METADATA_BYTES = 8192  # R2's limit on all user metadata of an object
 S3_METADATA_BYTES = 2048  # S3's
-RESERVED_METADATA = frozenset({"md5"})  # the sidecar's own entry
+RESERVED_METADATA = frozenset({"md5", "prompt-id"})  # the sidecar's own entries
 _META_KEY = re.compile(r"[a-z0-9][a-z0-9_-]{0,127}")
 _HEADER_VALUE = re.compile(r"[\x20-\x7e]*")  # printable US-ASCII: what every S3 server takes in a header
 

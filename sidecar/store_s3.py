@@ -293,3 +293,8 @@ class S3Store:
             where = f"bucket {self._bucket!r} at {self.endpoint}: {exc.code} ({exc.detail})"
             raise type(exc)(where, operation="HeadBucket", code=exc.code, hint=exc.hint, scope=exc.scope) from None
         return f"bucket {self._bucket!r} reachable at {self.endpoint} with these credentials"
+
+    def presign_get(self, key: str, ttl_s: int) -> str:
+        """A GET URL valid for ``ttl_s`` seconds, signed locally (no request); it carries no secret key."""
+        return str(self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self._bucket, "Key": key}, ExpiresIn=int(ttl_s)))

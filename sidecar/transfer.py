@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeVar
 
@@ -48,11 +49,20 @@ class MultipartLedger(Protocol):
 
 
 MAX_PARTS = 10_000
+PROMPT_METADATA = "prompt-id"  # x-amz-meta-prompt-id
 MIB = 1024 * 1024
 
 
 class FileChanged(SidecarError):
     """The file changed while it was being read; it will be read again once it settles."""
+
+
+class AwaitingPrompt(SidecarError):
+    """The key needs ``{prompt_id}`` and ComfyUI has not named this file's prompt yet: try again later."""
+
+    def __init__(self, left_s: float) -> None:
+        super().__init__(f"waiting up to {left_s:.1f} s more for ComfyUI to name the prompt")
+        self.left_s = left_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +119,11 @@ class Transfer:
         retry: Retry,
         ledger: MultipartLedger,
         on_progress: Callable[[int, int], None] = lambda done, total: None,
+        prompt_wait_s: float = 0.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self._prompt_wait_s = prompt_wait_s
+        self._clock = clock
         self._store = store
         self._root = root
         self._router = router
@@ -120,6 +134,11 @@ class Transfer:
         self._on_progress = on_progress
 
     def run(self, row: FileRow) -> Result:
+        route = self._router.route(row.path)
+        if route.keys.needs_prompt and row.prompt_id is None:
+            left = row.discovered_at + self._prompt_wait_s - self._clock()
+            if left > 0:
+                raise AwaitingPrompt(left)
         fd, st = open_regular(self._root, row.path)
         with os.fdopen(fd, "rb") as f:
             if not _is_confirmed(row, st):
@@ -129,9 +148,10 @@ class Transfer:
             content = self._read(row, f, st)
             if row.etag is not None and row.key and row.md5 == content.md5:
                 return self._result(row.key, row.etag, content, "unchanged")
-            route = self._router.route(row.path)
-            base = route.keys.key_for(row.path, mtime_ns=st.st_mtime_ns, md5=content.md5)
+            base = route.keys.key_for(row.path, mtime_ns=st.st_mtime_ns, md5=content.md5, prompt_id=row.prompt_id)
             headers = route.headers(path_text(row.path))
+            if row.prompt_id:  # known at upload time: the object says which prompt wrote it
+                headers = replace(headers, metadata=(*headers.metadata, (PROMPT_METADATA, row.prompt_id)))
             check_key(base)
             variant = KeyBuilder.variant(base, content.md5)
             # Known new content under a name we uploaded before goes to its variant at once.

@@ -30,7 +30,7 @@ from sidecar.localfile import source_error
 from sidecar.metrics import Metrics
 from sidecar.progress import Progress
 from sidecar.store_health import PARK, PAUSE, StoreHealth
-from sidecar.transfer import FileChanged, Result, Retry, Transfer
+from sidecar.transfer import AwaitingPrompt, FileChanged, Result, Retry, Transfer
 
 log = structlog.get_logger("sidecar.uploader")
 
@@ -72,6 +72,9 @@ class Uploader:
         self._progress = Progress(metrics)
         self.retry = FastRetry(health, metrics, self._stopping)
         self._transfer = transfer_factory(self.retry, self._progress.update)
+        # Set by the composition root: an attempt ended (jobs may be stored now), a file was held for its prompt.
+        self.on_outcome: Callable[[], None] = lambda: None
+        self.on_held: Callable[[], None] = lambda: None
         health.on_change.append(lambda state: self.wake())
 
     # -- dispatch -----------------------------------------------------------------------------------
@@ -110,11 +113,16 @@ class Uploader:
             with self._lock:
                 self._stranded.pop(row.id, None)
 
-    def process(self, row: FileRow) -> str:
+    def process(self, row: FileRow) -> str:  # noqa: PLR0911 - one outcome per kind of failure
         """Upload one claimed row and record the outcome in the journal; returns the outcome label."""
         started = time.monotonic()
         try:
             result = self._transfer.run(row)
+        except AwaitingPrompt as exc:  # not an attempt: due again when the prompt is named, or the wait ends
+            self._journal.mark_retry(row, error=str(exc), error_class="awaiting_prompt", delay_s=exc.left_s,
+                                     count=False)
+            self.on_held()
+            return "held"
         except FileChanged:
             return self._retry_later(row, "the file changed while it was read", "FileChanged", base=self._settle_s)
         except SourceFileError as exc:
@@ -226,6 +234,7 @@ class Uploader:
                     self._inflight -= 1
                     self._idle.notify_all()
                 self._wake.set()
+                self.on_outcome()
 
     def _dispatch(self) -> None:
         while not self._stopping.is_set():

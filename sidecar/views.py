@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from sidecar.config import Settings
     from sidecar.health import Canary
+    from sidecar.jobs import Jobs
     from sidecar.journal import Journal
     from sidecar.maintenance import Maintenance
     from sidecar.retention import Retention
@@ -34,8 +35,9 @@ class Views:
     def __init__(
         self, *, settings: Settings, journal: Journal, uploader: Uploader, settler: Settler, watcher: Watcher,
         canary: Canary, maintenance: Maintenance, health: StoreHealth, endpoint: str,
-        threads: Callable[[], list[threading.Thread]], retention: Retention | None = None,
+        threads: Callable[[], list[threading.Thread]], retention: Retention | None = None, jobs: Jobs | None = None,
     ) -> None:
+        self._jobs = jobs
         self._settings = settings
         self._journal, self._uploader, self._settler = journal, uploader, settler
         self._watcher, self._canary, self._maintenance = watcher, canary, maintenance
@@ -102,5 +104,6 @@ class Views:
             "store": {"endpoint": self._endpoint, "bucket": self._settings.bucket, **self._health.snapshot()},
             "last_scan": self._maintenance.last_scan,
             "retention": self._retention.snapshot() if self._retention is not None else {"enabled": False},
+            "jobs": self._jobs.status() if self._jobs is not None else {"enabled": False},
             "config": self._settings.redacted(),
         }

@@ -1,0 +1,70 @@
+"""Checks of the job settings (ComfyUI's URL, the manifest key, URLs, the webhook); called by
+:mod:`sidecar.config`'s validators, each raising ValueError with a message that follows the variable's name."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from sidecar.object_config import check_key_shape
+
+if TYPE_CHECKING:
+    from sidecar.config import Settings
+
+MANIFEST_FIELDS = ("pod_id", "prompt_id")
+MIN_WEBHOOK_SECRET_CHARS = 16
+
+
+def check_http_url(value: str, *, query: bool = False) -> str:
+    """An http(s) URL with a host and no user or password; errors never repeat the value."""
+    if not value:
+        return value
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ValueError("is not a valid URL (check the port, and brackets around an IPv6 address)") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must start with http:// or https://")
+    if "@" in parts.netloc:
+        raise ValueError("must not carry a user or password")
+    if not parts.hostname or any(ch.isspace() for ch in value) or port == 0:
+        raise ValueError("needs a host name (and a port other than 0), and no spaces")
+    if (parts.query and not query) or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    return value if query else value.rstrip("/")
+
+
+def shown_url(value: str) -> str:
+    """A URL as configuration views show it: scheme and host only (a path or query may hold a token)."""
+    parts = urlsplit(value)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/…"
+
+
+def check_manifest_template(value: str) -> str:
+    if not value:
+        return value
+    try:
+        sample = value.format(pod_id="pod", prompt_id="0f6e1b2a-prompt")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"unknown or malformed placeholder {exc}; allowed: {{pod_id}}, {{prompt_id}}") from None
+    if "{prompt_id}" not in value:
+        raise ValueError("must contain {prompt_id}, or every job's manifest gets the same key")
+    check_key_shape(sample, "gives keys")
+    return value
+
+
+def check_jobs(settings: Settings) -> None:
+    """Settings that only make sense together."""
+    uses_prompt = "{prompt_id}" in settings.key_template or any(
+        "{prompt_id}" in (route.key_template or "") for route in settings.routes)
+    if uses_prompt and not settings.comfyui_url:
+        raise ValueError("SIDECAR_KEY_TEMPLATE: {prompt_id} needs SIDECAR_COMFYUI_URL (ComfyUI names the prompts)")
+    if settings.webhook_url and not settings.comfyui_url:
+        raise ValueError("SIDECAR_WEBHOOK_URL: webhooks report jobs, which need SIDECAR_COMFYUI_URL")
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret is not None else ""
+    if settings.webhook_url and len(secret) < MIN_WEBHOOK_SECRET_CHARS:
+        raise ValueError(f"SIDECAR_WEBHOOK_SECRET: required with SIDECAR_WEBHOOK_URL, at least "
+                         f"{MIN_WEBHOOK_SECRET_CHARS} characters (e.g. whsec_ and base64 of 24 random bytes)")
+    if settings.public_base_url and settings.presign_ttl_s:
+        raise ValueError("set SIDECAR_PUBLIC_BASE_URL or SIDECAR_PRESIGN_TTL_S, not both")
