@@ -1,4 +1,4 @@
-"""The ``sidecar`` command: run, scan, check, config, status, retry-failed, prune, demo.
+"""The ``sidecar`` command: run, scan, check, config, status, wait, flush, retry-failed, prune, demo.
 
 Every command turns a :class:`ConfigError` into exit status 2 and one line on stderr, and any other
 :class:`SidecarError` into status 1 and one line — never a traceback, never a secret.
@@ -14,8 +14,6 @@ import sys
 import threading
 import time
 import traceback
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -54,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="validate everything `run` needs (bucket included) without any request")
     sub.add_parser("config", help="print the effective configuration as JSON, secrets redacted")
     sub.add_parser("status", help="print the running daemon's /status")
+    wait = sub.add_parser("wait", help="wait until a ComfyUI prompt's outputs are stored; print its job as JSON; "
+                          "exit 0 complete, 1 failed, 3 timeout, 4 unknown, 5 no daemon")
+    wait.add_argument("prompt_id")
+    wait.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up after S seconds (600)")
+    flush = sub.add_parser("flush", help="upload what is pending now and wait until nothing is left; exit 0 idle, "
+                           "3 timeout, 5 no daemon")
+    flush.add_argument("--timeout", type=float, default=60.0, metavar="S", help="give up after S seconds (60)")
     sub.add_parser("retry-failed", help="put every failed file back in the queue")
     prune = sub.add_parser("prune", help="delete local files that are safely uploaded, by the retention policies; "
                            "exit 1 if a policy is still exceeded")
@@ -73,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "run": cmd_run, "scan": cmd_scan, "check": cmd_check, "config": cmd_config, "status": cmd_status,
-        "retry-failed": cmd_retry_failed, "demo": cmd_demo, "prune": cmd_prune,
+        "retry-failed": cmd_retry_failed, "demo": cmd_demo, "prune": cmd_prune, "wait": cmd_wait, "flush": cmd_flush,
     }
     try:
         return commands[args.command](args)
@@ -264,24 +269,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_status(_: argparse.Namespace) -> int:
+    from sidecar.cli_wait import NoDaemon, local_get  # noqa: PLC0415
+
     settings = load_settings()
-    host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::", "") else settings.http_host  # noqa: S104
-    request = urllib.request.Request(f"http://{host}:{settings.http_port}/status")
-    if settings.http_token:
-        request.add_header("Authorization", f"Bearer {settings.http_token.get_secret_value()}")
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - local daemon
-            data = json.load(response)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401:
-            return _fail(f"the daemon on {host}:{settings.http_port} refused the request: set SIDECAR_HTTP_TOKEN "
-                         "to the daemon's token", EXIT_FAILURE)
-        return _fail(f"the daemon on {host}:{settings.http_port} answered HTTP {exc.code}", EXIT_FAILURE)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return _fail(f"no daemon answering on {host}:{settings.http_port} ({reason})", EXIT_FAILURE)
+        code, data = local_get(settings, "/status")
+    except NoDaemon as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    if code != 200:
+        return _fail(f"the daemon on port {settings.http_port} answered HTTP {code}", EXIT_FAILURE)
     print(render_status(data))
     return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from sidecar.cli_wait import run_wait  # noqa: PLC0415
+
+    return run_wait(load_settings(), args.prompt_id, args.timeout)
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    from sidecar.cli_wait import run_flush  # noqa: PLC0415
+
+    return run_flush(load_settings(), args.timeout)
 
 
 def render_status(data: dict[str, object]) -> str:
