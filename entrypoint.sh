@@ -8,7 +8,8 @@
 #   arguments     prepare the folders, then exec the arguments as the sidecar's user (`sidecar scan`,
 #                 `sidecar status`, `bash`, ...), with the same configuration the daemon sees.
 #
-# Secrets (SIDECAR_ACCESS_KEY_ID, SIDECAR_SECRET_ACCESS_KEY, SIDECAR_HTTP_TOKEN) are written to files in
+# Secrets (SIDECAR_ACCESS_KEY_ID, SIDECAR_SECRET_ACCESS_KEY, SIDECAR_HTTP_TOKEN, SIDECAR_WEBHOOK_SECRET and
+# SIDECAR_WEBHOOK_URL, whose query often carries a token) are written to files in
 # SIDECAR_SECRETS_DIR that only the sidecar's user can read, and removed from the environment that
 # supervisord, and so ComfyUI and its custom nodes, inherit. The sidecar reads them back from there.
 #
@@ -17,7 +18,7 @@ set -euo pipefail
 
 EXIT_CONFIG=2
 EXIT_SIDECAR_FATAL=70
-SECRET_VARS=(SIDECAR_ACCESS_KEY_ID SIDECAR_SECRET_ACCESS_KEY SIDECAR_HTTP_TOKEN)
+SECRET_VARS=(SIDECAR_ACCESS_KEY_ID SIDECAR_SECRET_ACCESS_KEY SIDECAR_HTTP_TOKEN SIDECAR_WEBHOOK_SECRET SIDECAR_WEBHOOK_URL)
 
 fail() {
   echo "entrypoint: $1" >&2

@@ -24,7 +24,8 @@ from support.waiting import wait_until
 from sidecar.writercheck import CAP_LEASE
 
 STOP_RUNS = 20
-SECRET_MARKERS = ("pod-secret-marker-3f1e9a", "AKIDPODTESTKEY0001", "pod-token-marker-7c2d4b81")
+SECRET_MARKERS = ("pod-secret-marker-3f1e9a", "AKIDPODTESTKEY0001", "pod-token-marker-7c2d4b81",
+                  "whsec_cG9kLXdlYmhvb2stbWFya2Vy", "hook-token-marker-51aa")
 
 
 def comfy_outputs(videos: int, pngs: int) -> list[dict[str, object]]:
@@ -169,8 +170,10 @@ def test_a_sidecar_that_cannot_start_ends_the_pod_non_zero(make_pod: Callable[..
 
 
 def test_no_secret_in_comfyuis_environment_or_any_process(make_pod: Callable[..., Pod]) -> None:
-    """The credentials and the token live in files only the sidecar reads: no process's environ or argv has them."""
-    pod = make_pod(SIDECAR_HTTP_TOKEN=SECRET_MARKERS[2]).start()
+    """The credentials, the token and the webhook's secret and URL live in files only the sidecar reads: no
+    process's environ or argv has them."""
+    pod = make_pod(SIDECAR_HTTP_TOKEN=SECRET_MARKERS[2], SIDECAR_WEBHOOK_SECRET=SECRET_MARKERS[3],
+                   SIDECAR_WEBHOOK_URL=f"http://127.0.0.1:9/hook?token={SECRET_MARKERS[4]}").start()
     pod.wait_ready()
     # env -i: the inspecting shell itself must not carry the container's configured environment.
     found = pod.exec("env", "-i", "/bin/sh", "-c",
