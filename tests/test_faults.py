@@ -228,16 +228,19 @@ needs_userns = pytest.mark.skipif(not userns_available(), reason="unshare -U -r 
 
 
 def fill_disk(path: Path) -> int:
-    """Write ``path`` until the filesystem says ENOSPC; returns the bytes written."""
+    """Write ``path`` until the filesystem says ENOSPC; returns the bytes written.
+
+    Unbuffered: a buffered file would keep the rest of a short write and raise ENOSPC again from close().
+    """
     written = 0
-    with path.open("wb") as out:
-        try:
-            while True:
-                out.write(b"\0" * 65536)
-                out.flush()
-                written += 65536
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    try:
+        while True:
+            written += os.write(fd, b"\0" * 65536)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
     return written
 
 
