@@ -115,7 +115,8 @@ class Settings(BaseSettings):
 
     # Jobs: which ComfyUI prompt wrote each file, manifests, URLs, webhooks (sidecar.jobs); "" turns it off.
     comfyui_url: str = "http://127.0.0.1:8188"
-    comfyui_poll_s: float = Field(default=0.5, ge=0.05, le=60)
+    comfyui_poll_s: float = Field(default=0.5, ge=0.05, le=60)  # without the websocket, while a prompt runs
+    comfyui_websocket: bool = True  # ComfyUI's status broadcasts trigger the polls instead
     prompt_wait_s: float = Field(default=300.0, ge=0, le=86_400)  # {prompt_id} in a key: hold a file this long
     manifest_key: str = "{pod_id}/_jobs/{prompt_id}.json"
     public_base_url: str = ""

@@ -27,6 +27,7 @@ from sidecar import __version__
 from sidecar.addresses import is_loopback
 from sidecar.backoff import RetryPolicy
 from sidecar.comfyui import ComfyClient
+from sidecar.comfyui_ws import StatusSocket
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, SidecarError, StoreError
 from sidecar.filters import PathFilter
@@ -115,6 +116,7 @@ class Daemon:
         self.canary = Canary(self.root)
         path_filter = PathFilter(settings.extensions, settings.include, settings.exclude)
         self.waits = Waits(MAX_WAITERS)
+        self.status_socket: StatusSocket | None = None
         self.jobs, self.webhooks = self._build_jobs(settings, path_filter)
         self.uploader.on_outcome = self._on_outcome
         self.intake = Intake(canary=self.canary, path_filter=path_filter, settler=self.settler, journal=self.journal,
@@ -156,6 +158,9 @@ class Daemon:
         self.registry.register(JobCollector(self.journal.job_counts, self.journal.webhook_backlog,
                                             lambda: jobs.comfy_up))
         self.uploader.on_held = metrics.held_for_prompt.inc
+        if settings.comfyui_websocket:
+            self.status_socket = StatusSocket(settings.comfyui_url, on_status=jobs.on_status,
+                                              on_connected=jobs.on_websocket)
         return jobs, webhooks
 
     # -- wiring callbacks ------------------------------------------------------------------------------
@@ -248,6 +253,9 @@ class Daemon:
         if self.jobs is not None:
             jobs = self.jobs
             self._spawn("jobs", lambda: jobs.run(self._stop))
+        if self.status_socket is not None:
+            status_socket = self.status_socket
+            self._spawn("comfyui-websocket", lambda: status_socket.run(self._stop))
         if self.webhooks is not None:
             webhooks = self.webhooks
             self._spawn("webhooks", lambda: webhooks.run(self._stop))
@@ -266,6 +274,8 @@ class Daemon:
         self.watcher.stop()
         if self.webhooks is not None:
             self.webhooks.stop()
+        if self.status_socket is not None:
+            self.status_socket.stop()
         drained = self.uploader.stop(max(0.0, deadline - time.monotonic()))
         if not drained:  # uploads cut by the deadline go back to pending now, not only at the next start
             try:

@@ -1,10 +1,14 @@
 """Jobs: which ComfyUI prompt wrote each output, and when a prompt is safely in the bucket.
 
 ComfyUI tells a third party about prompts only through its job API, and lists a prompt's files once, when
-the whole prompt ends (shared/FIELD-NOTES.md §7). So this thread polls ``/api/jobs`` -- but only while
-there is reason to: for ``ACTIVE_AFTER_FILE_S`` after an output file was recorded, while a prompt is known
-to be running, and while a client waits on a job it does not know yet. An idle pod costs no request. Each
-poll is one GET of the newest jobs; each newly finished prompt one more GET for its file list.
+the whole prompt ends (shared/FIELD-NOTES.md §7). A poll is one GET of the newest jobs; each newly finished
+prompt costs one more GET for its file list. When polls happen:
+
+- with ComfyUI's websocket open (:mod:`sidecar.comfyui_ws`): on each ``status`` broadcast (a prompt queued,
+  started, ended: about three per prompt), plus one every ``WS_SAFETY_POLL_S`` while a prompt runs;
+- without it: every ``SIDECAR_COMFYUI_POLL_S`` while there is reason to -- for ``ACTIVE_AFTER_FILE_S`` after
+  an output file was recorded, while a prompt is known to run, while a client waits on an unknown job;
+- once at start. An idle pod costs no request either way.
 
 A finished prompt's files are matched to journal rows by path (a file of a prompt is not older than the
 prompt, except on a node ComfyUI answered from its cache). When each one is stored or failed for good, the
@@ -44,6 +48,7 @@ log = structlog.get_logger("sidecar.jobs")
 ACTIVE_AFTER_FILE_S = 15.0  # keep polling this long after an output was recorded
 DOWN_POLL_S = 5.0  # ComfyUI unreachable: at most one poll per this while active
 IDLE_TICK_S = 5.0  # re-check open jobs this often when nothing wakes us
+WS_SAFETY_POLL_S = 10.0  # websocket up: a poll this often while a prompt runs, in case a message was lost
 MISSING_GRACE_S = 10.0  # a listed file not on disk this long after ComfyUI reported it is missing
 LOOKUP_EVERY_S = 2.0
 RECENT = 20
@@ -73,12 +78,14 @@ class Jobs:
         self._clock = clock
         self._wake = threading.Event()
         self._lock = threading.Lock()
-        self._active_until = time.monotonic() + ACTIVE_AFTER_FILE_S  # a first look after a start
+        self._active_until = 0.0
         self._running = False
         self._lookups = 0
         self._last_lookup: dict[str, float] = {}
         self._finished_seen: set[str] = set()
         self._last_poll = 0.0
+        self._poll_now = True  # a first look at what ComfyUI finished while we were not running
+        self._ws = False
         self.comfy_up = False
         self.comfy_error = ""
 
@@ -93,8 +100,36 @@ class Jobs:
         """An upload ended: open jobs may be stored now."""
         self._wake.set()
 
+    def on_status(self, _queue_remaining: int | None) -> None:
+        """A websocket ``status`` broadcast: the queue changed (a prompt was queued, started or ended)."""
+        self._poll_now = True
+        self._wake.set()
+
+    def on_websocket(self, connected: bool, problem: str = "") -> None:
+        """The trigger socket came up (catch up at once) or went down (poll while active, as without it)."""
+        if problem:
+            log.info("comfyui_websocket_unsupported", url=self.client.base_url, error=problem,
+                     effect=f"polling every {self.poll_s} s while a prompt runs")
+        elif connected != self._ws:
+            log.info("comfyui_websocket_" + ("connected" if connected else "lost"), url=self.client.base_url)
+        self._ws = connected
+        self._poll_now = True
+        self._wake.set()
+
     def _active(self) -> bool:
         return self._running or time.monotonic() < self._active_until or self._lookups > 0
+
+    def _poll_in(self) -> float:
+        """Seconds until the next poll is due (0: now). With the websocket up, every queue change triggers one
+        and only a slow safety poll runs while a prompt is known to be running."""
+        if self._poll_now:
+            return 0.0
+        since = time.monotonic() - self._last_poll
+        if self._ws:
+            return max(0.0, WS_SAFETY_POLL_S - since) if self._running else IDLE_TICK_S
+        if not self._active():
+            return IDLE_TICK_S
+        return max(0.0, (self.poll_s if self.comfy_up else DOWN_POLL_S) - since)
 
     # -- the thread ----------------------------------------------------------------------------------
 
@@ -107,12 +142,11 @@ class Jobs:
                 log.exception("jobs_journal_failed")
             except Exception:  # a bug must not end job tracking for the life of the daemon
                 log.exception("jobs_pass_crashed")
-            wait = (self.poll_s if self.comfy_up else DOWN_POLL_S) if self._active() else IDLE_TICK_S
-            self._wake.wait(timeout=wait)
+            self._wake.wait(timeout=min(IDLE_TICK_S, max(0.01, self._poll_in())))
 
     def pass_once(self) -> None:
-        interval = self.poll_s if self.comfy_up else DOWN_POLL_S
-        if self._active() and time.monotonic() - self._last_poll >= interval * 0.9:
+        if self._poll_in() <= 0:
+            self._poll_now = False
             self._last_poll = time.monotonic()
             self._poll()
         for prompt_id in self._journal.ids_in(UPLOADING):
@@ -293,5 +327,5 @@ class Jobs:
     def status(self) -> dict[str, Any]:
         return {"comfyui_url": self.client.base_url, "comfyui_up": self.comfy_up,
                 "comfyui_error": self.comfy_error or None, "comfyui_requests": self.client.requests,
-                "polling": self._active(), "jobs": self._journal.job_counts(),
+                "polling": self._poll_in() < IDLE_TICK_S, "websocket": self._ws, "jobs": self._journal.job_counts(),
                 "manifest_key_template": self.manifest_template or None, "urls": self.urls.kind}

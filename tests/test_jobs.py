@@ -102,8 +102,13 @@ def test_each_prompt_gets_a_manifest_of_exactly_its_files_written_after_them(wor
     assert len(proc.events("job_done")) == 5
 
 
-def test_an_idle_pod_asks_comfyui_nothing(world: World, comfy: ComfyApi) -> None:
+@pytest.mark.parametrize("websocket", [True, False], ids=["websocket", "polling"])
+def test_an_idle_pod_asks_comfyui_nothing(world: World, comfy: ComfyApi, websocket: bool) -> None:
+    comfy.websocket = websocket
     proc = start(world, comfy)
+    # With the socket, or once the daemon gave up on one (its tries are requests too).
+    event = "comfyui_websocket_connected" if websocket else "comfyui_websocket_unsupported"
+    wait_until(lambda: proc.events(event), timeout=20, message=proc.output)
     pid = comfy.submit({"1": IMAGES})
     assert get(world, proc, f"/jobs/{pid}?wait=30")[1]["state"] == "complete"
     wait_until(lambda: get(world, proc, "/status")[1]["jobs"]["polling"] is False, timeout=30)
@@ -113,10 +118,15 @@ def test_an_idle_pod_asks_comfyui_nothing(world: World, comfy: ComfyApi) -> None
     # Nothing runs, nothing is written: no request in a window of 20 poll intervals (absence needs a window).
     time.sleep(2.0)
     assert len(comfy.requests) == before
-    assert all(r.startswith("GET /api/jobs") for r in comfy.requests if not r.startswith("POST"))
-    # What one prompt cost: the polls while it ran plus one GET of its file list.
-    per_prompt = [r for r in comfy.requests if r.startswith("GET /api/jobs/")]
-    assert len(per_prompt) == 1
+    gets = [r for r in comfy.requests if r.startswith("GET ") and not r.startswith("GET /ws")]
+    assert all(r.startswith("GET /api/jobs") for r in gets)
+    # One GET of the prompt's file list, and at most one more: the waiter asked before any poll had seen it.
+    assert 1 <= len([r for r in gets if r.startswith(f"GET /api/jobs/{pid}")]) <= 2
+    polls = len([r for r in gets if r.startswith("GET /api/jobs?")])
+    if websocket:  # one at start, one at connect, then one per status broadcast (queued, started, ended)
+        assert polls <= 2 + comfy.status_sent
+    else:  # every 0.1 s while it ran, and a few after its files were recorded
+        assert polls >= 3
 
 
 def test_a_prompt_id_template_holds_files_until_comfyui_names_the_prompt(world: World, comfy: ComfyApi) -> None:

@@ -11,7 +11,9 @@ disk), in 64 KiB chunks. What a third party sees, as recorded:
 - an identical graph submitted again is answered from the cache: a new id, nothing written, the old files
   listed, ``execution_cached`` naming the nodes;
 - :meth:`restart` forgets history and jobs (they live in memory), file counters continue from disk;
-- :attr:`mode` ``"garbage"`` answers HTML, ``"error"`` 500, ``"slow"`` sleeps ``slow_s`` first.
+- :attr:`mode` ``"garbage"`` answers HTML, ``"error"`` 500, ``"slow"`` sleeps ``slow_s`` first;
+- ``GET /ws`` is the websocket: ``status`` (``queue_remaining``) goes to every client on connect, when a prompt
+  is queued, when it starts and after it ends (after its history is written); ``websocket = False`` refuses it.
 
 A graph is ``{node_id: {"class_type": ..., "inputs": {...}}}`` of these output nodes, run in dict order:
 ``SaveImage`` (``filename_prefix``, ``count``, ``bytes``), ``SaveVideo`` (one ``.mp4`` of ``bytes``, with
@@ -21,10 +23,15 @@ writes) and ``Fail`` (raises: the prompt fails after the nodes before it).
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import json
 import os
 import queue
 import re
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -42,6 +49,13 @@ def _ms() -> int:
     return int(time.time() * 1000)
 
 
+def _frame(payload: bytes) -> bytes:
+    """An unmasked server text frame."""
+    size = len(payload)
+    head = bytes([0x81, size]) if size < 126 else bytes([0x81, 126]) + struct.pack("!H", size)
+    return head + payload
+
+
 class ComfyApi:
     def __init__(self, output_dir: Path, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.output_dir = output_dir
@@ -49,6 +63,9 @@ class ComfyApi:
         self.mode = "ok"
         self.slow_s = 5.0
         self.requests: list[str] = []  # "GET /api/jobs?..." of every request served
+        self.websocket = True
+        self.status_sent = 0  # status broadcasts, per client
+        self._sockets: list[socket.socket] = []
         self.closed_at: dict[str, float] = {}  # relative path -> time.time() its writer closed it
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[str, Any]] = {}
@@ -86,6 +103,11 @@ class ComfyApi:
 
     def stop(self) -> None:
         """Down: the port refuses connections (prompts already queued keep running)."""
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self._sockets.clear()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -119,6 +141,7 @@ class ComfyApi:
             self._jobs[prompt_id] = {"id": prompt_id, "status": "pending", "priority": number,
                                      "create_time": extra["create_time"], "graph": graph, "extra": extra}
         self._queue.put(prompt_id)
+        self.broadcast_status()
         return prompt_id
 
     def wait_done(self, prompt_id: str, timeout: float = 30) -> dict[str, Any]:
@@ -172,6 +195,7 @@ class ComfyApi:
                     continue
                 job["status"], job["execution_start_time"] = "in_progress", _ms()
                 graph = job["graph"]
+            self.broadcast_status()
             start = job["execution_start_time"]
             messages: list[list[Any]] = [["execution_start", {"prompt_id": prompt_id, "timestamp": start}]]
             signature = json.dumps(graph, sort_keys=True)
@@ -206,6 +230,48 @@ class ComfyApi:
                                              "completed": error is None, "messages": messages})
                 if error:
                     job["execution_error"] = error
+            self.broadcast_status()  # after the history is written, as PromptQueue.task_done does
+
+    # -- the websocket ----------------------------------------------------------------------------------
+
+    def _remaining(self) -> int:
+        return sum(1 for j in self._jobs.values() if j["status"] in ("pending", "in_progress"))
+
+    def broadcast_status(self) -> None:
+        with self._lock:
+            message = json.dumps({"type": "status", "data": {"status": {"exec_info": {
+                "queue_remaining": self._remaining()}}}}).encode()
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.sendall(_frame(message))
+                self.status_sent += 1
+
+    def _serve_ws(self, handler: BaseHTTPRequestHandler) -> None:
+        key = handler.headers.get("Sec-WebSocket-Key", "")
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        handler.send_response(101, "Switching Protocols")
+        handler.send_header("Upgrade", "websocket")
+        handler.send_header("Connection", "Upgrade")
+        handler.send_header("Sec-WebSocket-Accept", accept.decode())
+        handler.end_headers()
+        handler.wfile.flush()
+        sock = handler.connection
+        sid = parse_qs(urlsplit(handler.path).query).get("clientId", [uuid.uuid4().hex])[0]
+        with self._lock:
+            first = {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": self._remaining()}},
+                                                "sid": sid}}
+            self._sockets.append(sock)
+        sock.sendall(_frame(json.dumps(first).encode()))
+        try:
+            while sock.recv(65536):  # a client's frames (pongs, closes) are read and ignored
+                pass
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                if sock in self._sockets:
+                    self._sockets.remove(sock)
 
     # -- the HTTP API -----------------------------------------------------------------------------------
 
@@ -261,6 +327,10 @@ class ComfyApi:
 
     def _serve(self, handler: BaseHTTPRequestHandler, method: str) -> None:
         parts = urlsplit(handler.path)
+        if parts.path == "/ws" and self.websocket and handler.headers.get("Upgrade", "").lower() == "websocket":
+            self.requests.append(f"WS {handler.path}")
+            self._serve_ws(handler)
+            return
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if method == "POST" and length else b""
         self.requests.append(f"{method} {handler.path}")
