@@ -20,6 +20,7 @@ import yaml  # PyYAML arrives with moto[server], a test dependency
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sidecar.metrics import DiskCollector, JournalCollector, Metrics
+from sidecar.metrics_jobs import JobCollector, JobMetrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 RULES = DEPLOY / "prometheus-alerts.yml"
@@ -48,6 +49,11 @@ def _exposition() -> str:
     metrics = Metrics(registry)
     registry.register(JournalCollector(lambda: {"pending": (3, 300), "failed": (1, 10)}, lambda: 42.0))
     registry.register(DiskCollector(lambda: (5 << 30, 100 << 30)))
+    jobs = JobMetrics(registry)
+    registry.register(JobCollector(lambda: {"running": 1, "uploading": 0, "complete": 5, "failed": 1},
+                                   lambda: (2, 1200.0, 30.0), lambda: True))
+    jobs.job_lag.observe(0.4)
+    jobs.webhook_lag.observe(1.0)
     metrics.files_discovered.labels(source="event").inc()
     metrics.files_skipped.labels(reason="extension").inc()
     for outcome in ("uploaded", "existing", "unchanged", "retry", "failed"):
@@ -81,7 +87,7 @@ def test_rules_pass_promtool_check(promtool: str) -> None:
     """promtool check rules accepts the alert rules."""
     result = _run(promtool, "check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 7 rules found" in result.stdout
 
 
 def test_rule_unit_tests_pass(promtool: str) -> None:
@@ -117,7 +123,7 @@ def test_every_alert_has_firing_and_quiet_tests() -> None:
     alerts = {rule["alert"] for group in groups for rule in group["rules"]}
     assert alerts == {
         "SidecarPendingTooOld", "SidecarUploadsFailing", "SidecarWatcherDown", "SidecarStalled",
-        "SidecarDown", "SidecarDiskAlmostFull",
+        "SidecarDown", "SidecarDiskAlmostFull", "SidecarWebhookBacklog",
     }
     firing: set[str] = set()
     quiet: set[str] = set()
