@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Annotated
 from urllib.parse import urlsplit
+
+from pydantic import AfterValidator
 
 
 def is_loopback(host: str) -> bool:
@@ -37,3 +40,6 @@ def check_endpoint_url(value: str) -> str:
     if port == 0:
         raise ValueError("has port 0")
     return value.rstrip("/")
+
+
+EndpointUrl = Annotated[str, AfterValidator(check_endpoint_url)]

@@ -308,6 +308,10 @@ def render_status(data: dict[str, object]) -> str:
     if isinstance(retention, dict) and retention.get("enabled"):
         lines.append(f"  retention: free {retention.get('free_bytes')} of {retention.get('total_bytes')} bytes, "
                      f"deleted since start {retention.get('deleted_since_start')}, dry run {retention.get('dry_run')}")
+    jobs = data.get("jobs", {})
+    if isinstance(jobs, dict) and jobs.get("comfyui_url"):
+        lines.append(f"  jobs: {jobs.get('jobs')}   ComfyUI {'up' if jobs.get('comfyui_up') else 'not answering'}"
+                     f"{' (websocket)' if jobs.get('websocket') else ''}   requests {jobs.get('comfyui_requests')}")
     failures = data.get("recent_failures", [])
     if isinstance(failures, list) and failures:
         lines.append("  recent failures:")

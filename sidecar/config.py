@@ -15,18 +15,10 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-from sidecar.addresses import check_endpoint_url, is_loopback
+from sidecar.addresses import EndpointUrl, is_loopback
 from sidecar.errors import ConfigError
-from sidecar.jobs_config import check_http_url, check_jobs, check_manifest_template, shown_url
-from sidecar.object_config import (
-    RouteSpec,
-    check_disposition,
-    check_header,
-    check_objects,
-    check_pod_id,
-    check_template,
-    parse_metadata,
-)
+from sidecar.jobs_config import HookUrl, HttpUrl, ManifestTemplate, WebhookEvents, check_jobs, shown_url
+from sidecar.object_config import Disposition, HeaderValue, KeyTemplate, PodId, RouteSpec, check_objects, parse_metadata
 from sidecar.sizes import parse_bytes, parse_floor
 
 ENV_PREFIX = "SIDECAR_"
@@ -60,20 +52,20 @@ class Settings(BaseSettings):
     # Where files go.
     bucket: str = ""
     r2_account_id: str = ""
-    endpoint_url: str = ""
+    endpoint_url: EndpointUrl = ""
     region: str = "auto"
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
-    key_template: str = "{pod_id}/{relpath}"
+    key_template: KeyTemplate = "{pod_id}/{relpath}"
     key_escape: Literal["none", "unsafe"] = "none"  # unsafe: %-encode backslashes and Unicode format characters
 
     # What objects are stored with (sidecar.routing), and per-path rules over it.
-    cache_control: str = ""
-    content_disposition: str = "auto"  # auto: attachment for types that can carry script (SVG, HTML, XML)
+    cache_control: HeaderValue = ""
+    content_disposition: Disposition = "auto"  # auto: attachment for types that can carry script (SVG, HTML, XML)
     storage_class: str = ""
     metadata: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     routes: list[RouteSpec] = Field(default_factory=list)  # JSON: [{"match": "video/*", ...}, ...]
-    pod_id: str = Field(default_factory=lambda: os.environ.get("RUNPOD_POD_ID") or socket.gethostname())
+    pod_id: PodId = Field(default_factory=lambda: os.environ.get("RUNPOD_POD_ID") or socket.gethostname())
 
     # What to upload.
     extensions: CommaList = Field(default_factory=lambda: DEFAULT_EXTENSIONS.split(","))
@@ -114,15 +106,16 @@ class Settings(BaseSettings):
     retention_rate: float = Field(default=20.0, gt=0, le=10_000)  # deletions per second at most
 
     # Jobs: which ComfyUI prompt wrote each file, manifests, URLs, webhooks (sidecar.jobs); "" turns it off.
-    comfyui_url: str = "http://127.0.0.1:8188"
+    comfyui_url: HttpUrl = "http://127.0.0.1:8188"
     comfyui_poll_s: float = Field(default=0.5, ge=0.05, le=60)  # without the websocket, while a prompt runs
     comfyui_websocket: bool = True  # ComfyUI's status broadcasts trigger the polls instead
     prompt_wait_s: float = Field(default=300.0, ge=0, le=86_400)  # {prompt_id} in a key: hold a file this long
-    manifest_key: str = "{pod_id}/_jobs/{prompt_id}.json"
-    public_base_url: str = ""
+    manifest_key: ManifestTemplate = "{pod_id}/_jobs/{prompt_id}.json"
+    public_base_url: HttpUrl = ""
     presign_ttl_s: int = Field(default=0, ge=0, le=604_800)  # R2 and S3 cap presigned URLs at 7 days
-    webhook_url: str = ""
+    webhook_url: HookUrl = ""
     webhook_secret: SecretStr | None = None
+    webhook_events: WebhookEvents = Field(default_factory=lambda: ["job"])  # job, file
 
     @field_validator("delete_after_s", mode="before")
     @classmethod
@@ -158,50 +151,10 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("key_template")
-    @classmethod
-    def _check_template(cls, value: str) -> str:
-        return check_template(value)
-
-    @field_validator("pod_id")
-    @classmethod
-    def _check_pod(cls, value: str) -> str:
-        return check_pod_id(value)
-
-    @field_validator("cache_control")
-    @classmethod
-    def _check_cache(cls, value: str) -> str:
-        return check_header(value)
-
-    @field_validator("content_disposition")
-    @classmethod
-    def _check_disposition(cls, value: str) -> str:
-        return check_disposition(value)
-
     @field_validator("metadata", mode="before")
     @classmethod
     def _parse_metadata(cls, value: Any) -> Any:
         return parse_metadata(_split_commas(value)) if isinstance(value, str) else value
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        return check_endpoint_url(value)
-
-    @field_validator("comfyui_url", "public_base_url")
-    @classmethod
-    def _check_http_url(cls, value: str) -> str:
-        return check_http_url(value.strip())
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _check_webhook_url(cls, value: str) -> str:
-        return check_http_url(value.strip(), query=True)
-
-    @field_validator("manifest_key")
-    @classmethod
-    def _check_manifest(cls, value: str) -> str:
-        return check_manifest_template(value.strip())
 
     @field_validator("r2_account_id")
     @classmethod

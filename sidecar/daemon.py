@@ -36,9 +36,8 @@ from sidecar.health import Canary
 from sidecar.intake import Intake
 from sidecar.jobs import Jobs
 from sidecar.jobs_http import JobsApi
-from sidecar.journal import FAILED, PENDING, UPLOADED, UPLOADING, open_journal
-from sidecar.journal_jobs import RUNNING as RUNNING_JOB
-from sidecar.journal_jobs import UPLOADING as UPLOADING_JOB
+from sidecar.journal import FAILED, PENDING, UPLOADED, open_journal
+from sidecar.keys import path_text
 from sidecar.maintenance import Maintenance
 from sidecar.metrics import STORE_STATES, DiskCollector, JournalCollector, Metrics
 from sidecar.metrics_jobs import JobCollector, JobMetrics
@@ -136,7 +135,7 @@ class Daemon:
                            watcher=self.watcher, canary=self.canary, maintenance=self.maintenance,
                            health=self.health, endpoint=self.store.endpoint, threads=lambda: self._threads,
                            retention=self.retention, jobs=self.jobs)
-        self.jobs_api = JobsApi(jobs=self.jobs, waits=self.waits, idle=self.idle, flush=self._flush)
+        self.jobs_api = JobsApi(jobs=self.jobs, waits=self.waits, idle=self.views.idle, flush=self._flush)
         self.http: Any = None
 
     def _build_jobs(self, settings: Settings, path_filter: PathFilter) -> tuple[Jobs | None, Webhooks | None]:
@@ -144,23 +143,28 @@ class Daemon:
         if not settings.comfyui_url:
             return None, None
         metrics = JobMetrics(self.registry)
+        urls = Urls(public_base_url=settings.public_base_url, presign=self.store.presign_get,
+                    ttl_s=settings.presign_ttl_s)
         webhooks = None
         if settings.webhook_url and settings.webhook_secret is not None:
             webhooks = Webhooks(settings.webhook_url, settings.webhook_secret.get_secret_value(),
-                                journal=self.journal, metrics=metrics)
-        urls = Urls(public_base_url=settings.public_base_url, presign=self.store.presign_get,
-                    ttl_s=settings.presign_ttl_s)
+                                journal=self.journal, metrics=metrics, urls=urls)
+            if "file" in settings.webhook_events:
+                hooks = webhooks
+                self.uploader.on_stored = lambda row, result: hooks.file_stored(
+                    path=path_text(row.path), key=result.key, size=result.size, md5=result.md5,
+                    prompt_id=row.prompt_id)
         jobs = Jobs(client=ComfyClient(settings.comfyui_url), journal=self.journal, store=self.store, root=self.root,
                     path_filter=path_filter, urls=urls, pod_id=settings.pod_id,
                     manifest_template=settings.manifest_key, metrics=metrics, waits=self.waits,
                     wake_uploader=self.uploader.wake, wake_webhooks=webhooks.wake if webhooks else None,
                     poll_s=settings.comfyui_poll_s)
         self.registry.register(JobCollector(self.journal.job_counts, self.journal.webhook_backlog,
-                                            lambda: jobs.comfy_up))
+                                            lambda: jobs.watch.comfy_up))
         self.uploader.on_held = metrics.held_for_prompt.inc
         if settings.comfyui_websocket:
-            self.status_socket = StatusSocket(settings.comfyui_url, on_status=jobs.on_status,
-                                              on_connected=jobs.on_websocket)
+            self.status_socket = StatusSocket(settings.comfyui_url, on_status=jobs.watch.on_status,
+                                              on_connected=jobs.watch.on_websocket)
         return jobs, webhooks
 
     # -- wiring callbacks ------------------------------------------------------------------------------
@@ -179,7 +183,7 @@ class Daemon:
         """New files are in the journal: upload them; a ComfyUI prompt is probably running."""
         self.uploader.wake()
         if self.jobs is not None:
-            self.jobs.poke()
+            self.jobs.watch.poke()
 
     def _on_outcome(self) -> None:
         if self.jobs is not None:
@@ -191,16 +195,6 @@ class Daemon:
         count = self.journal.due_now()
         self.uploader.wake()
         return count
-
-    def idle(self) -> dict[str, Any]:
-        """Nothing left to store: no file pending, uploading or settling, no finished prompt still open."""
-        stats = self.journal.stats()
-        counts = self.journal.job_counts() if self.jobs is not None else {}
-        doc: dict[str, Any] = {"pending": stats[PENDING][0], "uploading": stats[UPLOADING][0],
-                               "settling": len(self.settler), "jobs_running": counts.get(RUNNING_JOB, 0),
-                               "jobs_uploading": counts.get(UPLOADING_JOB, 0)}
-        doc = {"idle": not any(doc.values()), **doc, "failed": stats[FAILED][0]}
-        return doc
 
     def _journal_lost(self, problem: str) -> None:
         """The journal file is gone or replaced: our writes no longer reach the file a restart reads. Restart

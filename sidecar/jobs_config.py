@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BeforeValidator
+from pydantic_settings import NoDecode
 
 from sidecar.object_config import check_key_shape
 
@@ -68,3 +71,19 @@ def check_jobs(settings: Settings) -> None:
                          f"{MIN_WEBHOOK_SECRET_CHARS} characters (e.g. whsec_ and base64 of 24 random bytes)")
     if settings.public_base_url and settings.presign_ttl_s:
         raise ValueError("set SIDECAR_PUBLIC_BASE_URL or SIDECAR_PRESIGN_TTL_S, not both")
+
+
+def check_events(value: list[str]) -> list[str]:
+    if not value or not set(value) <= {"job", "file"}:
+        raise ValueError("a comma list of job (one event per finished job) and file (one per stored file)")
+    return value
+
+
+def _commas(value: Any) -> Any:
+    return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+
+
+HttpUrl = Annotated[str, AfterValidator(lambda value: check_http_url(value.strip()))]
+HookUrl = Annotated[str, AfterValidator(lambda value: check_http_url(value.strip(), query=True))]
+ManifestTemplate = Annotated[str, AfterValidator(lambda value: check_manifest_template(value.strip()))]
+WebhookEvents = Annotated[list[str], NoDecode, BeforeValidator(_commas), AfterValidator(check_events)]

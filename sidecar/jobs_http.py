@@ -108,12 +108,12 @@ class JobsApi:
         assert jobs is not None
         if not PROMPT_ID.fullmatch(prompt_id):
             raise BadRequest("not a prompt id")
-        jobs.waiting(+1)
+        jobs.watch.waiting(+1)
         try:
             doc = self.waits.wait(jobs.wait_probe(prompt_id), wait)
         finally:
-            jobs.waiting(-1)
+            jobs.watch.waiting(-1)
         if doc is None:
             return 404, {"prompt_id": prompt_id, "state": "unknown",
-                         "comfyui_up": jobs.comfy_up, "comfyui_error": jobs.comfy_error or None}
+                         "comfyui_up": jobs.watch.comfy_up, "comfyui_error": jobs.watch.comfy_error or None}
         return 200, doc

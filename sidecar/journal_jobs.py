@@ -163,6 +163,11 @@ class JobLedger(Database):
                                md5=r[5], key=r[6], etag=r[7], uploaded_at=r[8], error=r[9]))  # type: ignore[arg-type]
         return out
 
+    def job_document(self, prompt_id: str) -> str | None:
+        """The final document of a job that ended (None while it is open)."""
+        rows = self._read("SELECT document FROM jobs WHERE prompt_id = ?", (prompt_id,))
+        return str(rows[0][0]) if rows and rows[0][0] is not None else None
+
     def open_manifests(self) -> int:
         """Jobs ComfyUI finished that are not complete or failed here yet."""
         count = self._read("SELECT COUNT(*) FROM jobs WHERE state = ?", (UPLOADING,))[0][0]
@@ -175,13 +180,14 @@ class JobLedger(Database):
     # -- ending a job ------------------------------------------------------------------------------------
 
     def end_job(self, prompt_id: str, state: str, *, manifest_key: str | None, manifest_etag: str | None,
-                error: str | None = None, outbox: Iterable[tuple[str, bytes]] = ()) -> None:
-        """``complete`` or ``failed``, with its manifest, and its webhook events queued in the same commit."""
+                document: str, outbox: Iterable[tuple[str, bytes]] = ()) -> None:
+        """``complete`` or ``failed``, with its manifest and final document, and its webhook events queued in
+        the same commit."""
         now = self._clock()
         with self._tx() as db:
             db.execute("UPDATE jobs SET state = :state, done_at = :now, manifest_key = :key, manifest_etag = :etag, "
-                       "last_error = NULL, error = COALESCE(error, :error) WHERE prompt_id = :id",
-                       {"state": state, "now": now, "key": manifest_key, "etag": manifest_etag, "error": error,
+                       "last_error = NULL, document = :doc WHERE prompt_id = :id",
+                       {"state": state, "now": now, "key": manifest_key, "etag": manifest_etag, "doc": document,
                         "id": prompt_id})
             db.executemany("INSERT OR IGNORE INTO webhooks (id, prompt_id, body, created_at) VALUES (?, ?, ?, ?)",
                            [(event_id, prompt_id, body, now) for event_id, body in outbox])

@@ -81,6 +81,7 @@ MIGRATIONS: tuple[str, ...] = (
         finished_at     REAL,                      -- when ComfyUI was first seen reporting it finished
         done_at         REAL,                      -- when it became complete or failed here
         manifest_key    TEXT, manifest_etag TEXT,
+        document        TEXT,                      -- the job's final document (JSON), what the manifest holds
         attempts        INTEGER NOT NULL DEFAULT 0,
         next_attempt_at REAL NOT NULL DEFAULT 0,
         last_error      TEXT

@@ -7,9 +7,9 @@ calls them from its validators, so a bad value is one line and exit 2 before any
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 KEY_FIELDS = ("pod_id", "relpath", "filename", "stem", "ext", "date", "md5", "prompt_id")
 SAMPLE = {"pod_id": "pod", "relpath": "day/ComfyUI_00001_.png", "filename": "ComfyUI_00001_.png",
@@ -66,6 +66,13 @@ def check_disposition(value: str) -> str:
     if value.split(";", 1)[0].strip().lower() not in ("inline", "attachment"):
         raise ValueError("must be auto, none, or a Content-Disposition starting with inline or attachment")
     return value
+
+
+# Setting types that run these checks (pydantic applies them after parsing, also inside SIDECAR_ROUTES).
+KeyTemplate = Annotated[str, AfterValidator(check_template)]
+PodId = Annotated[str, AfterValidator(check_pod_id)]
+HeaderValue = Annotated[str, AfterValidator(check_header)]
+Disposition = Annotated[str, AfterValidator(check_disposition)]
 
 
 def parse_metadata(items: list[str] | dict[str, str]) -> dict[str, str]:

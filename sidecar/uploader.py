@@ -75,6 +75,7 @@ class Uploader:
         # Set by the composition root: an attempt ended (jobs may be stored now), a file was held for its prompt.
         self.on_outcome: Callable[[], None] = lambda: None
         self.on_held: Callable[[], None] = lambda: None
+        self.on_stored: Callable[[FileRow, Result], None] = lambda row, result: None  # an object was written
         health.on_change.append(lambda state: self.wake())
 
     # -- dispatch -----------------------------------------------------------------------------------
@@ -163,6 +164,7 @@ class Uploader:
         log.info("upload_succeeded", path=path_text(row.path), key=result.key, bytes=result.size,
                  attempt=row.attempts + 1, duration_s=round(duration, 4), outcome=result.outcome,
                  source=row.source)
+        self.on_stored(row, result)
 
     def _source_problem(self, row: FileRow, exc: SourceFileError) -> str:
         rel = path_text(row.path)

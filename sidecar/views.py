@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar import __version__
 from sidecar.errors import SidecarError
-from sidecar.journal import FAILED, SKIPPED
+from sidecar.journal import FAILED, PENDING, SKIPPED, UPLOADING
 from sidecar.keys import path_text
 
 if TYPE_CHECKING:
@@ -74,6 +74,14 @@ class Views:
         if not store_ok:
             details["store_problem"] = store["problem"]
         return problem is None and live and store_ok, details
+
+    def idle(self) -> dict[str, Any]:
+        """``/idle``: nothing left to store -- no file pending, uploading or settling, no prompt still open."""
+        stats = self._journal.stats()
+        counts = self._journal.job_counts() if self._jobs is not None else {}
+        busy = {"pending": stats[PENDING][0], "uploading": stats[UPLOADING][0], "settling": len(self._settler),
+                "jobs_running": counts.get("running", 0), "jobs_uploading": counts.get("uploading", 0)}
+        return {"idle": not any(busy.values()), **busy, "failed": stats[FAILED][0]}
 
     def status(self) -> dict[str, Any]:
         """A JSON-able summary for humans and scripts. Secrets are redacted."""

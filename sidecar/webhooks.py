@@ -1,4 +1,6 @@
-"""Webhooks: one signed POST per finished job, delivered at least once from the journal's outbox.
+"""Webhooks: one signed POST per finished job (``job.complete``, ``job.failed``), and with
+``SIDECAR_WEBHOOK_EVENTS=job,file`` one per stored file (``file.stored``), delivered at least once from the
+journal's outbox.
 
 Signed as the Standard Webhooks specification says (https://www.standardwebhooks.com): headers
 ``webhook-id`` (stable across retries: receivers deduplicate on it), ``webhook-timestamp`` (Unix seconds of
@@ -14,12 +16,15 @@ and the secret are never logged.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import hmac
+import json
 import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -29,6 +34,8 @@ from sidecar.backoff import backoff
 from sidecar.errors import JournalError
 from sidecar.journal import Journal
 from sidecar.metrics_jobs import JobMetrics
+from sidecar.mime import content_type
+from sidecar.urls import Urls
 
 log = structlog.get_logger("sidecar.webhooks")
 
@@ -57,8 +64,9 @@ def sign(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
 class Webhooks:
     """The outbox's delivery thread."""
 
-    def __init__(self, url: str, secret: str, *, journal: Journal, metrics: JobMetrics,
+    def __init__(self, url: str, secret: str, *, journal: Journal, metrics: JobMetrics, urls: Urls | None = None,
                  clock: Callable[[], float] = time.time) -> None:
+        self._urls = urls
         self._url = url
         self._secret = secret
         self._journal = journal
@@ -68,6 +76,16 @@ class Webhooks:
         self.host = urlsplit(url).netloc.rpartition("@")[2]
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def file_stored(self, *, path: str, key: str, size: int, md5: str, prompt_id: str | None) -> None:
+        """``SIDECAR_WEBHOOK_EVENTS=job,file``: one ``file.stored`` event per object written."""
+        event_id = f"msg_{uuid.uuid5(uuid.NAMESPACE_URL, f'file/{key}/{md5}').hex}"
+        stamp = dt.datetime.fromtimestamp(self._clock(), tz=dt.UTC).isoformat(timespec="milliseconds")
+        data = {"path": path, "key": key, "bytes": size, "md5": md5, "content_type": content_type(path),
+                "url": self._urls.url(key) if self._urls is not None else None, "prompt_id": prompt_id}
+        body = json.dumps({"type": "file.stored", "timestamp": stamp.replace("+00:00", "Z"), "data": data})
+        self._journal.queue_webhook(event_id, prompt_id, body.encode("utf-8"))
         self._wake.set()
 
     def deliver(self, event_id: str, body: bytes) -> str:

@@ -181,3 +181,22 @@ def test_a_comfyui_restart_mid_prompt_ends_the_job_failed_with_what_it_wrote(wor
     rel = next(iter(comfy.closed_at))
     world.wait_in_bucket([rel], proc)  # the file itself is still uploaded
     assert world.objects()[world.key(rel)] == world.path(rel).read_bytes()
+
+
+def test_a_kill_9_mid_prompt_loses_nothing_and_writes_one_manifest(world: World, comfy: ComfyApi) -> None:
+    proc = start(world, comfy)
+    first = comfy.submit({"1": IMAGES})
+    assert get(world, proc, f"/jobs/{first}?wait=30")[1]["state"] == "complete"
+    pid = comfy.submit({"5": {**VIDEO, "inputs": {**VIDEO["inputs"], "chunk_pause_s": 0.05}}, "6": LATENT})
+    wait_until(lambda: comfy.closed_at and get(world, proc, f"/jobs/{pid}")[0] == 200, timeout=20)
+    proc.kill()  # the prompt finishes while no daemon runs
+    comfy.wait_done(pid)
+    restarted_at = len(comfy.requests)
+    proc = start(world, comfy)
+    code, doc = get(world, proc, f"/jobs/{pid}?wait=40")
+    assert (code, doc["state"]) == (200, "complete")
+    assert all(world.objects()[f["key"]] == (world.out / f["path"]).read_bytes() for f in doc["files"])
+    puts = world.puts_by_key()
+    assert len(puts[f"{POD_ID}/_jobs/{pid}.json"]) == 1 and len(puts[f"{POD_ID}/_jobs/{first}.json"]) == 1
+    # The restarted daemon re-read ComfyUI's recent jobs but fetched no file list it already had.
+    assert f"GET /api/jobs/{first}" not in comfy.requests[restarted_at:]

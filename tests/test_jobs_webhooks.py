@@ -100,6 +100,26 @@ def test_each_job_is_delivered_at_least_once_across_an_outage_and_a_kill(world: 
     assert SECRET not in out and "tenant=a" not in out  # neither the secret nor the URL's query is printed
 
 
+def test_file_events_come_per_stored_file_signed_like_job_events(world: World, receiver: Receiver) -> None:
+    receiver.failing = False
+    with ComfyApi(world.out) as comfy:
+        proc = world.start(comfyui_url=comfy.url, comfyui_poll_s=0.1, webhook_url=receiver.url,
+                           webhook_secret=SECRET, webhook_events="job,file")
+        pid = comfy.submit({"1": IMAGES})
+        wait_until(lambda: any(g["type"] == "job.complete" for g in receiver.got), timeout=30, message=proc.output)
+        world.path("by-hand.png").write_bytes(b"dropped in")
+        wait_until(lambda: len([g for g in receiver.got if g["type"] == "file.stored"]) == 3, timeout=30,
+                   message=proc.output)
+    files = {g["data"]["path"]: g["data"] for g in receiver.got if g["type"] == "file.stored"}
+    assert set(files) == {"hook/img_00001_.png", "hook/img_00002_.png", "by-hand.png"}
+    for path, data in files.items():
+        assert world.objects()[data["key"]] == world.path(path).read_bytes()
+        assert data["md5"] == hashlib.md5(world.path(path).read_bytes()).hexdigest()
+    assert receiver.bad_signatures == 0
+    job = next(g for g in receiver.got if g["type"] == "job.complete")
+    assert job["data"]["prompt_id"] == pid
+
+
 def test_wait_and_flush_say_how_it_ended(world: World) -> None:
     with ComfyApi(world.out) as comfy:
         proc = world.start(comfyui_url=comfy.url, comfyui_poll_s=0.1)

@@ -25,6 +25,7 @@ from support.waiting import wait_until
 
 from sidecar.health import Canary
 from sidecar.metrics import DiskCollector, JournalCollector, Metrics
+from sidecar.metrics_jobs import JobCollector, JobMetrics
 from sidecar.watcher import Watcher
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -185,6 +186,8 @@ def test_readme_metrics_table_lists_every_exported_metric() -> None:
     Metrics(registry)
     registry.register(JournalCollector(lambda: {"pending": (1, 1)}, lambda: 0.0))
     registry.register(DiskCollector(lambda: (1, 2)))
+    JobMetrics(registry)  # registered when jobs are on (the default)
+    registry.register(JobCollector(lambda: {"running": 0}, lambda: (0, 0.0, None), lambda: False))
     exposition = generate_latest(registry).decode()
     exported = set(re.findall(r"^# TYPE (\S+) ", exposition, flags=re.MULTILINE))
     exported = {name for name in exported if not name.endswith("_created")}  # `sidecar run` disables these
