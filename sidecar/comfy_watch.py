@@ -3,8 +3,9 @@
 A poll is one GET of the newest jobs (:meth:`ComfyClient.recent`); each newly finished prompt costs one more
 GET for its file list. When polls happen:
 
-- with ComfyUI's websocket open (:mod:`sidecar.comfyui_ws`): on each ``status`` broadcast (a prompt queued,
-  started, ended: about three per prompt), plus one every ``WS_SAFETY_POLL_S`` while a prompt runs;
+- with ComfyUI's websocket open (:mod:`sidecar.comfyui_ws`): on each ``status`` broadcast that does not only
+  grow the queue (a prompt started or ended: two per prompt), plus one every ``WS_SAFETY_POLL_S`` while a
+  prompt runs;
 - without it: every ``SIDECAR_COMFYUI_POLL_S`` while there is reason to -- for ``ACTIVE_AFTER_FILE_S`` after
   an output file was recorded, while a prompt is known to run, while a client waits on a job;
 - once at start. An idle pod costs no request either way.
@@ -34,6 +35,7 @@ DOWN_POLL_S = 5.0  # ComfyUI unreachable: at most one poll per this while active
 IDLE_TICK_S = 5.0  # nothing to ask: the caller's loop comes back after this
 WS_SAFETY_POLL_S = 10.0  # websocket up: a poll this often while a prompt runs, in case a message was lost
 LOOKUP_EVERY_S = 2.0
+PENDING_RECHECK_S = 5.0
 RECENT = 20
 
 
@@ -54,9 +56,11 @@ class ComfyWatch:
         self._lookups = 0
         self._last_lookup: dict[str, float] = {}
         self._finished_seen: set[str] = set()
+        self._learned: dict[str, float] = {}  # prompt id -> when its detail was last asked for by a poll
         self._last_poll = 0.0
         self._poll_now = True  # a first look at what ComfyUI finished while we were not running
         self.websocket = False
+        self._remaining: int | None = None  # queue_remaining of the last status broadcast
         self.comfy_up = False
         self.comfy_error = ""
 
@@ -67,10 +71,14 @@ class ComfyWatch:
         self._active_until = time.monotonic() + ACTIVE_AFTER_FILE_S
         self._wake()
 
-    def on_status(self, _queue_remaining: int | None) -> None:
-        """A websocket ``status`` broadcast: the queue changed (a prompt was queued, started or ended)."""
-        self._poll_now = True
-        self._wake()
+    def on_status(self, queue_remaining: int | None) -> None:
+        """A websocket ``status`` broadcast: the queue changed. One that only grew the queue (a prompt was
+        queued) needs no poll: a pending prompt has written nothing; its start sends the next one."""
+        grew = (queue_remaining is not None and self._remaining is not None and queue_remaining > self._remaining)
+        self._remaining = queue_remaining
+        if not grew:
+            self._poll_now = True
+            self._wake()
 
     def on_websocket(self, connected: bool, problem: str = "") -> None:
         """The trigger socket came up (catch up at once) or went down (poll while active, as without it)."""
@@ -80,6 +88,7 @@ class ComfyWatch:
         elif connected != self.websocket:
             log.info("comfyui_websocket_" + ("connected" if connected else "lost"), url=self.client.base_url)
         self.websocket = connected
+        self._remaining = None  # messages may have been missed
         self._poll_now = True
         self._wake()
 
@@ -140,9 +149,16 @@ class ComfyWatch:
                         self._finished_seen.add(report.prompt_id)
                     else:
                         self._learn(report.prompt_id)
+            now = time.monotonic()
             for prompt_id in self._journal.ids_in(RUNNING):
-                if prompt_id not in listed:  # pending, or forgotten by a restarted ComfyUI
+                # Not listed: it finished and fell off the page, was forgotten by a restarted ComfyUI, or is
+                # still pending (the list leaves those out; it appears once it starts). Asked at most every
+                # PENDING_RECHECK_S per prompt, so a long queue of waited-on prompts costs few requests.
+                if prompt_id not in listed and now - self._learned.get(prompt_id, -PENDING_RECHECK_S) >= \
+                        PENDING_RECHECK_S:
+                    self._learned[prompt_id] = now
                     self._learn(prompt_id)
+            self._learned = {k: v for k, v in self._learned.items() if now - v < 4 * PENDING_RECHECK_S}
             self._finished_seen &= listed
         except ComfyUnavailable:
             return

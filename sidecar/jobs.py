@@ -40,6 +40,7 @@ from sidecar.waits import Waits
 log = structlog.get_logger("sidecar.jobs")
 
 MISSING_GRACE_S = 10.0  # a listed file not on disk this long after ComfyUI reported it is missing
+LOOKUP_DEFER_S = 1.0
 PROMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
@@ -178,10 +179,16 @@ class Jobs:
         return document(job, self._views(job), state=job.state, pod_id=self.pod_id, urls=self.urls,
                         manifest_key=key)
 
-    def wait_probe(self, prompt_id: str) -> Callable[[], tuple[bool, dict[str, Any] | None]]:
+    def wait_probe(self, prompt_id: str, *, patient: bool = False) -> Callable[[], tuple[bool, dict[str, Any] | None]]:
+        """For Waits: (ended, document). An unknown id is looked up in ComfyUI; a ``patient`` waiter with the
+        websocket up first gives the broadcast of the prompt's start ``LOOKUP_DEFER_S`` to make it known
+        (a client usually asks right after submitting)."""
+        asked_at = time.monotonic()
+
         def probe() -> tuple[bool, dict[str, Any] | None]:
             doc = self.describe(prompt_id)
-            if doc is None:
+            deferred = patient and self.watch.websocket and time.monotonic() - asked_at < LOOKUP_DEFER_S
+            if doc is None and not deferred:
                 self.watch.lookup(prompt_id)
                 doc = self.describe(prompt_id)
             return (doc is not None and doc["state"] in TERMINAL_JOB), doc

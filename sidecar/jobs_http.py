@@ -110,7 +110,7 @@ class JobsApi:
             raise BadRequest("not a prompt id")
         jobs.watch.waiting(+1)
         try:
-            doc = self.waits.wait(jobs.wait_probe(prompt_id), wait)
+            doc = self.waits.wait(jobs.wait_probe(prompt_id, patient=wait > 0), wait)
         finally:
             jobs.watch.waiting(-1)
         if doc is None:

@@ -105,16 +105,18 @@ class JobLedger(Database):
                        {"uploading": UPLOADING, "reason": reason, "now": now, "id": prompt_id})
 
     def link_files(self, prompt_id: str) -> list[bytes]:
-        """Give this job's not cached, not older files to it where no prompt has them; returns those paths."""
+        """Give this job's not cached, not older files to it where no prompt has them; returns those paths.
+        A read finds them first: most passes have nothing to link and take no write lock."""
+        rows = self._read(
+            """SELECT f.path FROM files f JOIN job_files j ON j.path = f.path AND j.prompt_id = :id
+               JOIN jobs ON jobs.prompt_id = j.prompt_id
+               WHERE j.cached = 0 AND f.prompt_id IS NULL
+                 AND f.mtime_ns >= CAST((COALESCE(jobs.create_time, 0) - :slack) * 1e9 AS INTEGER)""",
+            {"id": prompt_id, "slack": MTIME_SLACK_S})
+        paths = [bytes(r[0]) for r in rows]  # type: ignore[call-overload]
+        if not paths:
+            return []
         with self._tx() as db:
-            row = db.execute("SELECT create_time FROM jobs WHERE prompt_id = ?", (prompt_id,)).fetchone()
-            if row is None:
-                return []
-            since_ns = int(((row[0] or 0.0) - MTIME_SLACK_S) * 1e9)
-            paths = [bytes(r[0]) for r in db.execute(
-                """SELECT f.path FROM files f JOIN job_files j ON j.path = f.path AND j.prompt_id = :id
-                   WHERE j.cached = 0 AND f.prompt_id IS NULL AND f.mtime_ns >= :since""",
-                {"id": prompt_id, "since": since_ns})]
             db.executemany(
                 """UPDATE files SET prompt_id = :id,
                        node_id = (SELECT node_id FROM job_files WHERE prompt_id = :id AND path = :path),
