@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -200,3 +201,17 @@ def test_a_kill_9_mid_prompt_loses_nothing_and_writes_one_manifest(world: World,
     assert len(puts[f"{POD_ID}/_jobs/{pid}.json"]) == 1 and len(puts[f"{POD_ID}/_jobs/{first}.json"]) == 1
     # The restarted daemon re-read ComfyUI's recent jobs but fetched no file list it already had.
     assert f"GET /api/jobs/{first}" not in comfy.requests[restarted_at:]
+
+
+def test_presigned_urls_fetch_the_stored_bytes_and_never_reach_the_log(world: World, comfy: ComfyApi) -> None:
+    proc = start(world, comfy, presign_ttl_s=600)
+    pid = comfy.submit({"1": IMAGES})
+    code, doc = get(world, proc, f"/jobs/{pid}?wait=30")
+    assert (code, doc["state"]) == (200, "complete")
+    context = ssl.create_default_context(cafile=str(world.proxy.ca_bundle))
+    for f in doc["files"]:
+        assert "X-Amz-Expires=600" in f["url"] and "X-Amz-Signature=" in f["url"]
+        with urllib.request.urlopen(f["url"], timeout=10, context=context) as answer:  # noqa: S310
+            assert answer.read() == (world.out / f["path"]).read_bytes()
+    signatures = [f["url"].split("X-Amz-Signature=")[1][:64] for f in doc["files"]]
+    assert not any(sig in world.all_output() for sig in signatures)

@@ -7,6 +7,7 @@ Figures are printed (``-s`` or the CI log) as ``image-suite:`` JSON lines.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
@@ -92,6 +93,30 @@ def test_docker_stop_with_uploads_in_flight_exits_0_within_5_s_every_time(
            seconds=[round(t, 2) for t in took], **figures)
     assert codes == [0] * STOP_RUNS, f"exit codes {codes}: 137 means SIGKILL at Docker's deadline"
     assert max(took) < 5.0
+
+
+def test_sidecar_wait_in_the_pod_returns_once_a_prompts_outputs_and_manifest_are_stored(
+    make_pod: Callable[..., Pod], s3_server: S3Server, r2_proxy_http: R2Proxy, bucket: str
+) -> None:
+    """Jobs in the deployed shape: ComfyUI (root) reports its prompt, the sidecar (its own user) maps it."""
+    pod = make_pod().start()
+    pod.wait_ready()
+    prompt = pod.prompt(comfy_outputs(videos=1, pngs=3))
+    done = pod.exec("sidecar", "wait", prompt, "--timeout", "120")  # as in the pod's web terminal
+    assert done.returncode == 0, done.stdout + done.stderr + pod.logs()
+    doc = json.loads(done.stdout)
+    objects = s3_server.objects(bucket)  # read right after `wait` returned: everything it promised is there
+    manifest = json.loads(objects[f"pod/_jobs/{prompt}.json"])
+    files = pod.history(prompt)["files"]
+    assert doc["state"] == manifest["state"] == "complete"
+    assert [f["path"] for f in manifest["files"]] == files
+    for f in manifest["files"]:
+        assert objects[f["key"]] == (pod.workspace / "outputs" / f["path"]).read_bytes()
+    figures = check_bucket(pod, s3_server, r2_proxy_http, bucket)
+    jobs = pod.status()["jobs"]
+    report("jobs", **figures, state=doc["state"], comfyui_requests=jobs["comfyui_requests"],
+           websocket=jobs["websocket"])
+    assert figures["manifests"] == 1
 
 
 def test_bad_configuration_exits_2_with_one_line(make_pod: Callable[..., Pod]) -> None:

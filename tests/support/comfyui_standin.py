@@ -9,7 +9,10 @@ serves two endpoints in ComfyUI's spirit:
 "bytes": B}], "date_folder": true}``
     answers ``{"prompt_id": ...}`` at once and writes the outputs on a thread, one after another;
 ``GET /history/<prompt_id>``
-    ``{"done": bool, "files": [relative paths]}``, the list complete once ``done``.
+    ``{"done": bool, "files": [relative paths]}``, the list complete once ``done``;
+``GET /api/jobs``, ``GET /api/jobs/<prompt_id>``
+    ComfyUI 0.8's job API in its recorded shapes (each output item is one node), so the sidecar's job
+    tracking runs in the image as beside a real ComfyUI (no websocket here: it polls).
 
 The writers (shared/FIELD-NOTES.md §2): every file is written **in place** on its final path in 64 KiB
 chunks (no temp file, no rename); a PNG takes a few ms per chunk; a video streams for seconds and pauses
@@ -76,18 +79,21 @@ class Prompts:
     def submit(self, body: dict[str, Any]) -> str:
         prompt_id = str(uuid.uuid4())
         with self.lock:
-            self.history[prompt_id] = {"done": False, "files": []}
+            self.history[prompt_id] = {"done": False, "files": [], "status": "pending", "nodes": {},
+                                       "create_time": int(time.time() * 1000), "priority": len(self.history) + 2}
         threading.Thread(target=self._run, args=(prompt_id, body), daemon=True).start()
         return prompt_id
 
     def _run(self, prompt_id: str, body: dict[str, Any]) -> None:
         rng = random.Random(prompt_id)
         with self.queue_lock:
+            with self.lock:
+                self.history[prompt_id].update(status="in_progress", start=int(time.time() * 1000))
             base = self.out_dir
             if body.get("date_folder"):
                 self.date_folders += 1
                 base = self.out_dir / time.strftime(f"%Y-%m-%d-{self.date_folders:04d}-{prompt_id[:8]}")
-            for item in body.get("outputs", []):
+            for node, item in enumerate(body.get("outputs", []), start=1):
                 kind = item.get("kind", "png")
                 sub, _, prefix = str(item.get("prefix", "ComfyUI")).rpartition("/")
                 folder = base / sub if sub else base
@@ -97,10 +103,44 @@ class Prompts:
                     size = int(item.get("bytes", 3_000_000 if kind == "video" else 200_000))
                     write_in_place(path, rng.randbytes(size), video=kind == "video", rng=rng)
                     with self.lock:
-                        self.history[prompt_id]["files"].append(str(path.relative_to(self.out_dir)))
-            with self.lock:
-                self.history[prompt_id]["done"] = True
+                        rel = str(path.relative_to(self.out_dir))
+                        self.history[prompt_id]["files"].append(rel)
+                        self.history[prompt_id]["nodes"].setdefault(str(node), []).append(rel)
+            with self.lock:  # everything flips at once, after the last node, as in ComfyUI's task_done
+                self.history[prompt_id].update(done=True, status="completed", end=int(time.time() * 1000))
         print(f"standin: prompt {prompt_id} done", file=sys.stderr, flush=True)
+
+
+    def _job(self, prompt_id: str, entry: dict[str, Any], *, full: bool) -> dict[str, Any]:
+        """ComfyUI 0.8's /api/jobs item shape (shared/comfyui-api-samples); call with the lock held."""
+        job: dict[str, Any] = {"id": prompt_id, "status": entry["status"], "priority": entry["priority"],
+                               "create_time": entry["create_time"], "outputs_count": 0}
+        if entry["status"] == "completed":
+            outputs = {node: {"images": [{"filename": os.path.basename(rel), "subfolder": os.path.dirname(rel),
+                                          "type": "output"} for rel in rels]}
+                       for node, rels in entry["nodes"].items()}
+            job.update(execution_start_time=entry["start"], execution_end_time=entry["end"],
+                       outputs_count=len(entry["files"]))
+            if full:
+                job["outputs"] = outputs
+                job["execution_status"] = {"status_str": "success", "completed": True, "messages": []}
+        return job
+
+    def jobs_api(self, path: str) -> tuple[int, Any]:
+        """``GET /api/jobs[?status=...&limit=N]`` and ``GET /api/jobs/{id}``; call with the lock held."""
+        route, _, query = path.partition("?")
+        if route.startswith("/api/jobs/"):
+            prompt_id = route.removeprefix("/api/jobs/")
+            entry = self.history.get(prompt_id)
+            return (200, self._job(prompt_id, entry, full=True)) if entry else (404, {"error": "Job not found"})
+        params = dict(part.partition("=")[::2] for part in query.split("&") if part)
+        wanted = params.get("status", "pending,in_progress,completed,failed").split(",")
+        chosen = sorted(((pid, e) for pid, e in self.history.items() if e["status"] in wanted),
+                        key=lambda item: item[1]["create_time"], reverse=True)
+        limit = int(params.get("limit") or 0) or len(chosen)
+        jobs = [self._job(pid, e, full=False) for pid, e in chosen[:limit]]
+        return 200, {"jobs": jobs, "pagination": {"offset": 0, "limit": limit, "total": len(chosen),
+                                                  "has_more": limit < len(chosen)}}
 
 
 def serve(prompts: Prompts, host: str, port: int) -> ThreadingHTTPServer:
@@ -121,6 +161,11 @@ def serve(prompts: Prompts, host: str, port: int) -> ThreadingHTTPServer:
             self._answer(200, {"prompt_id": prompts.submit(body)})
 
         def do_GET(self) -> None:
+            if self.path.startswith("/api/jobs"):
+                with prompts.lock:
+                    status, data = prompts.jobs_api(self.path)
+                self._answer(status, data)
+                return
             prompt_id = self.path.removeprefix("/history/")
             with prompts.lock:
                 entry = prompts.history.get(prompt_id)

@@ -7,6 +7,7 @@ to a host folder (so the test reads what ComfyUI wrote), talking to servers on 1
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -180,11 +181,20 @@ def on_disk(pod: Pod, outputs: str = "outputs") -> dict[str, bytes]:
             if p.is_file() and not p.name.startswith(".")}  # the sidecar's own canary is not an output
 
 
+MANIFESTS = "pod/_jobs/"  # the sidecar's job manifests (SIDECAR_MANIFEST_KEY's default), one per prompt
+
+
 def check_bucket(pod: Pod, s3: S3Server, proxy: R2Proxy, bucket: str, outputs: str = "outputs") -> dict[str, int]:
-    """The bucket holds exactly the files on disk, byte for byte; every PUT body was a whole final file."""
+    """The bucket holds exactly the files on disk, byte for byte, and one manifest per prompt at most, each
+    listing stored files with their MD5s; every PUT body was a whole final file."""
     files = on_disk(pod, outputs)
-    assert s3.objects(bucket) == files
-    puts = proxy.puts()
+    objects = s3.objects(bucket)
+    manifests = {k: json.loads(v) for k, v in objects.items() if k.startswith(MANIFESTS)}
+    assert {k: v for k, v in objects.items() if k not in manifests} == files
+    for manifest in manifests.values():
+        for f in manifest["files"]:
+            assert f["status"] == "stored" and hashlib.md5(files[f["key"]]).hexdigest() == f["md5"], f
+    puts = [r for r in proxy.puts() if not (r.key or "").startswith(MANIFESTS)]
     accepted = Counter(r.key for r in puts if r.ok)
     assert accepted == dict.fromkeys(files, 1), "a key accepted more than one PUT"
     prefixes = 0
@@ -194,4 +204,5 @@ def check_bucket(pod: Pod, s3: S3Server, proxy: R2Proxy, bucket: str, outputs: s
         if req.headers.get("content-md5") != md5_b64(final) or (req.ok and req.payload_len != len(final)):
             prefixes += 1
     assert prefixes == 0, f"{prefixes} PUTs carried other bytes than the final file (a prefix was uploaded)"
-    return {"files": len(files), "puts": len(puts), "accepted": sum(accepted.values()), "prefix_puts": prefixes}
+    return {"files": len(files), "puts": len(puts), "accepted": sum(accepted.values()), "prefix_puts": prefixes,
+            "manifests": len(manifests)}
