@@ -55,6 +55,12 @@ else
 fi
 : "${COMFYUI_CMD:=python /comfyui/main.py --listen 0.0.0.0 --port 8188}"
 : "${COMFYUI_AUTOSTART:=true}"
+# The sidecar asks ComfyUI's job API which prompt wrote each file: on the port COMFYUI_CMD listens on,
+# unless SIDECAR_COMFYUI_URL says otherwise (set it empty to turn jobs off).
+if [[ -z "${SIDECAR_COMFYUI_URL+set}" && "$COMFYUI_CMD" =~ --port[=\ ]+([0-9]+) ]]; then
+  SIDECAR_COMFYUI_URL="http://127.0.0.1:${BASH_REMATCH[1]}"
+  export SIDECAR_COMFYUI_URL
+fi
 : "${SIDECAR_STOPWAITSECS:=$(default_stopwaitsecs)}"
 # SIDECAR_BIN may hold arguments ("python -m sidecar" in the tests); the listener needs its python.
 read -r -a sidecar_cmd <<<"$SIDECAR_BIN"

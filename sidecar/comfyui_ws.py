@@ -29,7 +29,8 @@ from urllib.parse import urlsplit
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # previews arrive as binary frames; they are read and dropped
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
-REFUSALS_BEFORE_GIVING_UP = 3  # upgrades answered with plain HTTP in a row: polling only from then on
+REFUSALS_BEFORE_GIVING_UP = 3  # upgrades answered with plain HTTP in a row: polling from then on,
+RETRY_UNSUPPORTED_S = 600.0  # with one more try this often
 
 
 class SocketClosed(Exception):
@@ -157,9 +158,11 @@ class StatusSocket:
                 sock = self._connect()
             except NoWebsocket as exc:  # each try is a request: not forever against a server without one
                 refusals += 1
-                if refusals >= REFUSALS_BEFORE_GIVING_UP:
-                    self._on_connected(False, str(exc))
-                    return
+                if refusals >= REFUSALS_BEFORE_GIVING_UP:  # the thread lives on (/healthz counts it)
+                    if refusals == REFUSALS_BEFORE_GIVING_UP:
+                        self._on_connected(False, str(exc))
+                    stop.wait(RETRY_UNSUPPORTED_S)  # a ComfyUI upgraded in place may have one later
+                    continue
                 stop.wait(delay)
                 delay = min(RECONNECT_MAX_S, delay * 2)
                 continue

@@ -110,6 +110,7 @@ def test_an_idle_pod_asks_comfyui_nothing(world: World, comfy: ComfyApi, websock
     # With the socket, or once the daemon gave up on one (its tries are requests too).
     event = "comfyui_websocket_connected" if websocket else "comfyui_websocket_unsupported"
     wait_until(lambda: proc.events(event), timeout=20, message=proc.output)
+    assert get(world, proc, "/healthz")[0] == 200  # giving up on the socket ends no thread
     pid = comfy.submit({"1": IMAGES})
     assert get(world, proc, f"/jobs/{pid}?wait=30")[1]["state"] == "complete"
     wait_until(lambda: get(world, proc, "/status")[1]["jobs"]["polling"] is False, timeout=30)
@@ -166,6 +167,7 @@ def test_comfyui_absent_or_broken_never_touches_uploads(world: World, comfy: Com
     assert len(lines) == 1 and lines[0]["url"] == comfy.url and "GET /api/jobs" in lines[0]["error"]
     assert get(world, proc, "/idle")[1]["idle"] is True
     assert "sidecar_comfyui_up 0.0" in world.metrics(proc)
+    assert get(world, proc, "/healthz")[0] == 200
 
 
 def test_a_comfyui_restart_mid_prompt_ends_the_job_failed_with_what_it_wrote(world: World, comfy: ComfyApi) -> None:
@@ -211,7 +213,7 @@ def test_presigned_urls_fetch_the_stored_bytes_and_never_reach_the_log(world: Wo
     context = ssl.create_default_context(cafile=str(world.proxy.ca_bundle))
     for f in doc["files"]:
         assert "X-Amz-Expires=600" in f["url"] and "X-Amz-Signature=" in f["url"]
-        with urllib.request.urlopen(f["url"], timeout=10, context=context) as answer:  # noqa: S310
+        with urllib.request.urlopen(f["url"], timeout=10, context=context) as answer:
             assert answer.read() == (world.out / f["path"]).read_bytes()
     signatures = [f["url"].split("X-Amz-Signature=")[1][:64] for f in doc["files"]]
     assert not any(sig in world.all_output() for sig in signatures)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support.container import Pod, check_bucket, report
+from support.container import MANIFESTS, Pod, check_bucket, report
 from support.proxy import R2Proxy
 from support.s3server import S3Server
 from support.waiting import wait_until
@@ -232,7 +232,12 @@ def test_retention_frees_root_written_outputs_in_every_folder(
     wait_until(lambda: not [p for p in outputs.rglob("*") if p.is_file() and not p.name.startswith(".")],
                timeout=60, interval=0.2, message=pod.logs)
     objects = s3_server.objects(bucket)
-    assert sorted(objects) == sorted(f"pod/{rel}" for rel in files)
+    assert sorted(k for k in objects if not k.startswith(MANIFESTS)) == sorted(f"pod/{rel}" for rel in files)
+    # Each prompt's manifest still lists its files as stored: deleting a local copy changes nothing there.
+    wait_until(lambda: len([k for k in s3_server.keys(bucket) if k.startswith(MANIFESTS)]) == 2, timeout=30)
+    for key, body in s3_server.objects(bucket).items():
+        if key.startswith(MANIFESTS):
+            assert {f["status"] for f in json.loads(body)["files"]} == {"stored"}
     deleted = [line for line in pod.log_lines() if line.get("event") == "retention_deleted"]
     assert sorted(line["path"] for line in deleted) == sorted(files)
     assert all(len(objects[f"pod/{line['path']}"]) == line["bytes"] for line in deleted)
