@@ -137,6 +137,7 @@ def test_store_answering_200_without_etag_is_not_believed(world: World, forward:
     world.proxy.answer_without_etag(1, forward=forward, when=lambda r: r.operation == "PutObject")
     proc = world.start(retry_base_s=0.2)
     world.path(world.remember("a.png", b"a" * 700)).write_bytes(world.written["a.png"])
+    world.wait_in_bucket(["a.png"], proc)  # idle alone can come before the watcher has seen the file
     world.wait_idle(proc, timeout=30)
     assert world.objects() == world.expected()
     statuses = [r.status for r in world.proxy.puts()]

@@ -129,7 +129,7 @@ def test_prometheus_query_returns_the_uploaded_file_count(scraped: Scraped) -> N
     status, body = _get(f"{scraped.prometheus_url}/api/v1/rules")
     assert status == 200, body
     rules = [rule for group in json.loads(body)["data"]["groups"] for rule in group["rules"]]
-    assert len(rules) == 6 and all(rule["health"] == "ok" for rule in rules), rules
+    assert len(rules) == 7 and all(rule["health"] == "ok" for rule in rules), rules
 
 
 def test_promtool_finds_no_problems_in_the_live_exposition(scraped: Scraped) -> None:

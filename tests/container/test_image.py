@@ -173,7 +173,8 @@ def test_a_named_user_with_its_own_workspace_runs_everything_as_itself(
     pod.start()
     pod.wait_ready()
     files = pod.wait_prompt(pod.prompt([{"kind": "png", "prefix": "ComfyUI", "count": 3}]))
-    wait_until(lambda: len(s3_server.keys(bucket)) == len(files), timeout=60, interval=0.2, message=pod.logs)
+    wait_until(lambda: len([k for k in s3_server.keys(bucket) if not k.startswith(MANIFESTS)]) == len(files),
+               timeout=60, interval=0.2, message=pod.logs)
     status = pod.status()
     assert status["writer_check"]["lease_own_files"] is True and status["writer_check"]["uid"] == uid
 
