@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BeforeValidator
 from pydantic_settings import NoDecode
 
+from sidecar.addresses import check_url
 from sidecar.object_config import check_key_shape
 
 if TYPE_CHECKING:
@@ -16,26 +17,6 @@ if TYPE_CHECKING:
 
 MANIFEST_FIELDS = ("pod_id", "prompt_id")
 MIN_WEBHOOK_SECRET_CHARS = 16
-
-
-def check_http_url(value: str, *, query: bool = False) -> str:
-    """An http(s) URL with a host and no user or password; errors never repeat the value."""
-    if not value:
-        return value
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError:
-        raise ValueError("is not a valid URL (check the port, and brackets around an IPv6 address)") from None
-    if parts.scheme not in ("http", "https"):
-        raise ValueError("must start with http:// or https://")
-    if "@" in parts.netloc:
-        raise ValueError("must not carry a user or password")
-    if not parts.hostname or any(ch.isspace() for ch in value) or port == 0:
-        raise ValueError("needs a host name (and a port other than 0), and no spaces")
-    if (parts.query and not query) or parts.fragment:
-        raise ValueError("must not have a query or fragment")
-    return value if query else value.rstrip("/")
 
 
 def shown_url(value: str) -> str:
@@ -83,7 +64,7 @@ def _commas(value: Any) -> Any:
     return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
 
 
-HttpUrl = Annotated[str, AfterValidator(lambda value: check_http_url(value.strip()))]
-HookUrl = Annotated[str, AfterValidator(lambda value: check_http_url(value.strip(), query=True))]
+HttpUrl = Annotated[str, AfterValidator(lambda value: check_url(value.strip()))]
+HookUrl = Annotated[str, AfterValidator(lambda value: check_url(value.strip(), query=True))]
 ManifestTemplate = Annotated[str, AfterValidator(lambda value: check_manifest_template(value.strip()))]
 WebhookEvents = Annotated[list[str], NoDecode, BeforeValidator(_commas), AfterValidator(check_events)]
