@@ -1,10 +1,13 @@
 """The stability check: a candidate becomes a journal entry only once it is finished.
 
 ComfyUI writes PNGs and videos in place, so an event (even a close) is only a *candidate*. A candidate
-is confirmed when two stats ``settle_s`` apart agree (size, mtime, inode) and the writer check says no
-writer is left (:mod:`sidecar.writercheck`): a kernel read lease where the kernel answers for the file;
-otherwise, in ``events`` mode, a close or move event after the last modify event seen, or, with no such
-evidence (and in ``quiet`` mode), ``quiet_s`` without any change, measured from the last change observed.
+whose last event is its writer's close is confirmed at once, unless the kernel says a writer still holds
+it (a read lease refused). Any other candidate (seen by a create, a rename or a scan) is confirmed when two
+stats ``settle_s`` apart agree (size, mtime, inode) and the writer check says no writer is left
+(:mod:`sidecar.writercheck`): a kernel read lease where the kernel answers for the file; otherwise, in
+``events`` mode, a close or move event after the last modify event seen, or, with no such evidence (and
+in ``quiet`` mode), ``quiet_s`` without any change, measured from the last change observed. The decision
+table is in docs/ARCHITECTURE.md.
 Offering a path is O(1) and thread-safe, so the watcher's handler never blocks.
 """
 
@@ -170,7 +173,8 @@ class Settler:
 
     def _check(self, relpath: bytes, entry: _Entry, now: float) -> Candidate | str | None:
         """A Candidate when finished, a skip reason when never uploadable, None to look again at entry.due."""
-        if entry.seen is None and self._first_look(relpath, entry, now):
+        at_close = entry.closed and entry.source == "close"  # the writer's own close came last: no settle
+        if not at_close and entry.seen is None and self._first_look(relpath, entry, now):
             return None
         try:
             fd, st = open_regular(self._root, relpath)
@@ -189,7 +193,9 @@ class Settler:
             stable = False
         else:
             stable = True
-        check = self._finished(relpath, entry, writer, st, now) if stable else None
+        check = self._at_close(writer) if at_close else None
+        if check is None and stable:
+            check = self._finished(relpath, entry, writer, st, now)
         if check is not None:
             self._on_confirmed(check)
             return Candidate(path=relpath, size=st.st_size, mtime_ns=st.st_mtime_ns, source=entry.source,
@@ -205,6 +211,16 @@ class Settler:
             backoff = self._settle_s
         entry.due = now + max(0.01, min(backoff, MAX_RECHECK_S))
         return None
+
+    def _at_close(self, writer: bool | None) -> str | None:
+        """A close event came after the last change: finished unless the kernel says a writer is left.
+
+        No second stat: the close is the writer saying it is done, and the upload proves the version it
+        read is the one confirmed (size, mtime, inode, ctime; else it waits for the next events).
+        """
+        if writer is False:
+            return "lease"
+        return "close_event" if writer is None and self.mode == "events" else None
 
     def _finished(
         self, relpath: bytes, entry: _Entry, writer: bool | None, st: os.stat_result, now: float

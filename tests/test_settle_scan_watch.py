@@ -72,19 +72,63 @@ def test_growing_file_waits_until_stable(setup: tuple[Settler, Clock, Collected,
     """A file that changed between two checks is re-checked, and confirmed with its final size."""
     settler, clock, got, root = setup
     (root / "a.png").write_bytes(b"x")
-    settler.offer(b"a.png", "close")
+    settler.offer(b"a.png", "create")
     settler.run_once()
     (root / "a.png").write_bytes(b"xyz-longer")
     drain(settler, clock, 3)
     assert [(c.path, c.size) for c in got.ready] == [(b"a.png", 10)]
 
 
+def test_a_close_event_confirms_at_once_without_a_second_look(
+    setup: tuple[Settler, Clock, Collected, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's close (no writer left) confirms in the same round, with one open: no settle wait."""
+    settler, _clock, got, root = setup
+    (root / "a.png").write_bytes(b"done")
+    stats: list[str] = []
+    real_lstat = os.lstat
+    monkeypatch.setattr(os, "lstat", lambda p, *a, **k: stats.append("lstat") or real_lstat(p, *a, **k))
+    settler.offer(b"a.png", "modify")
+    settler.offer(b"a.png", "close")
+    assert settler.run_once() == 1
+    assert [(c.path, c.size, c.source) for c in got.ready] == [(b"a.png", 4, "close")] and len(settler) == 0
+    assert stats == []  # not the first-look lstat of the settle path
+
+
+def test_a_close_event_with_a_writer_left_waits(setup: tuple[Settler, Clock, Collected, Path]) -> None:
+    """A close by one writer while another still holds the file (the lease says so) is not enough."""
+    settler, clock, got, root = setup
+    with (root / "a.png").open("wb") as other:
+        other.write(b"part")
+        other.flush()
+        settler.offer(b"a.png", "close")
+        drain(settler, clock, 3)
+        assert got.ready == []
+    settler.offer(b"a.png", "close")
+    settler.run_once()
+    assert [c.size for c in got.ready] == [4]
+
+
+def test_a_close_event_in_events_mode_confirms_at_once(tmp_path: Path) -> None:
+    """Where the lease cannot answer (another user's file), the close event alone confirms, at once."""
+    clock, got = Clock(), Collected()
+    settler = Settler(tmp_path, settle_s=0.5, on_ready=got.ready.extend, clock=clock, lease=lambda fd: None)
+    (tmp_path / "a.png").write_bytes(b"x" * 10)
+    settler.offer(b"a.png", "create")
+    settler.offer(b"a.png", "modify")
+    settler.run_once()
+    assert got.ready == []  # still being written: no close yet
+    settler.offer(b"a.png", "close")
+    settler.run_once()
+    assert [c.size for c in got.ready] == [10]
+
+
 def test_confirmation_needs_the_settle_interval(setup: tuple[Settler, Clock, Collected, Path]) -> None:
-    """A closed, untouched file is confirmed after settle_s and not before; offers coalesce."""
+    """A renamed-in, untouched file is confirmed after settle_s and not before; offers coalesce."""
     settler, clock, got, root = setup
     (root / "a.png").write_bytes(b"done")
-    settler.offer(b"a.png", "close")
-    settler.offer(b"a.png", "close")
+    settler.offer(b"a.png", "move")
+    settler.offer(b"a.png", "move")
     settler.run_once()
     clock.now += 0.25
     settler.run_once()
@@ -223,8 +267,6 @@ def test_failed_handover_keeps_the_candidates(tmp_path: Path) -> None:
     settler = Settler(tmp_path, settle_s=0.5, on_ready=on_ready, clock=clock)
     (tmp_path / "a.png").write_bytes(b"a")
     settler.offer(b"a.png", "close")
-    settler.run_once()
-    clock.now += 0.5
     with pytest.raises(RuntimeError):
         settler.run_once()
     assert len(settler) == 1
