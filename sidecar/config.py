@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     workers: int = Field(default=4, ge=1, le=64)
     multipart_threshold_mb: int = Field(default=64, ge=5, le=5 * 1024)
     part_size_mb: int = Field(default=16, ge=5, le=5 * 1024)
+    part_concurrency: int = Field(default=4, ge=1, le=32)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=200, ge=1)

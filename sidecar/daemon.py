@@ -41,6 +41,7 @@ from sidecar.keys import path_text
 from sidecar.maintenance import Maintenance
 from sidecar.metrics import STORE_STATES, DiskCollector, JournalCollector, Metrics
 from sidecar.metrics_jobs import JobCollector, JobMetrics
+from sidecar.parts import PartBudget
 from sidecar.retention import Retention, disk_usage
 from sidecar.routing import Router
 from sidecar.scanner import Scanner
@@ -100,10 +101,12 @@ class Daemon:
             log.warning("key_routes_may_collide", problem=warning,
                         effect="the second file gets a content-hash variant key; nothing is overwritten")
 
+        self.parts = PartBudget(buffers=settings.part_concurrency + 1, senders=settings.part_concurrency)
+
         def transfer_factory(retry: Any, progress: Callable[[int, int], None]) -> Transfer:
             return Transfer(self.store, self.root, self.router, multipart_threshold=settings.multipart_threshold,
-                            part_size=settings.part_size, retry=retry, ledger=self.journal, on_progress=progress,
-                            prompt_wait_s=settings.prompt_wait_s)
+                            part_size=settings.part_size, retry=retry, ledger=self.journal, budget=self.parts,
+                            on_progress=progress, prompt_wait_s=settings.prompt_wait_s)
 
         policy = RetryPolicy(settings.max_attempts, settings.retry_base_s, settings.retry_cap_s)
         self.uploader = Uploader(self.journal, transfer_factory, workers=settings.workers, policy=policy,

@@ -65,6 +65,11 @@ class KeyBuilder:
         """The template has ``{prompt_id}``: a file waits for ComfyUI to name its prompt (sidecar.jobs)."""
         return "{prompt_id}" in self.template
 
+    @property
+    def needs_md5(self) -> bool:
+        """The template has ``{md5}``: the key is known only once the whole file was hashed."""
+        return "{md5}" in self.template
+
     def key_for(self, relpath: bytes, *, mtime_ns: int, md5: str, prompt_id: str | None = None) -> str:
         """The key this file's content is stored under, unless that key already holds other bytes.
 

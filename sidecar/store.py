@@ -7,6 +7,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sidecar.filebody import FileSlice
+
+Body = bytes | FileSlice
 MD5_METADATA = "md5"  # user metadata key holding the hex MD5 of the whole content (multipart ETags are not MD5s)
 
 
@@ -38,10 +41,12 @@ class ObjectHeaders:
     storage_class: str = ""
     metadata: tuple[tuple[str, str], ...] = ()
 
-    def s3_args(self, md5_hex: str) -> dict[str, Any]:
-        """boto3 parameters of PutObject / CreateMultipartUpload for these headers."""
-        args: dict[str, Any] = {"ContentType": self.content_type,
-                                "Metadata": {**dict(self.metadata), MD5_METADATA: md5_hex}}
+    def s3_args(self, md5_hex: str | None) -> dict[str, Any]:
+        """boto3 parameters of PutObject / CreateMultipartUpload for these headers (``md5`` if known)."""
+        metadata = dict(self.metadata)
+        if md5_hex:
+            metadata[MD5_METADATA] = md5_hex
+        args: dict[str, Any] = {"ContentType": self.content_type, "Metadata": metadata}
         for name, value in (("CacheControl", self.cache_control), ("ContentDisposition", self.content_disposition),
                             ("StorageClass", self.storage_class)):
             if value:
@@ -63,9 +68,10 @@ class ObjectInfo:
 class ObjectStore(Protocol):
     """Writes objects without ever silently overwriting one. Every method raises ``StoreError`` subclasses."""
 
-    def put(self, key: str, data: bytes, *, md5_hex: str, headers: ObjectHeaders) -> str:
+    def put(self, key: str, data: Body, *, md5_hex: str, headers: ObjectHeaders) -> str:
         """Create ``key`` with ``data`` unless it exists (``KeyExistsError``); return the ETag, proven to be
-        ``md5_hex`` (an answer without it raises a transient error: nothing is assumed stored)."""
+        ``md5_hex`` (an answer without it raises a transient error: nothing is assumed stored). ``data`` is
+        bytes or a :class:`~sidecar.filebody.FileSlice` streamed from the file."""
         ...
 
     def head(self, key: str) -> ObjectInfo | None:
@@ -76,8 +82,9 @@ class ObjectStore(Protocol):
         """The MD5 of the object's bytes, read back (a GET), or None if it does not exist."""
         ...
 
-    def create_multipart(self, key: str, *, md5_hex: str, headers: ObjectHeaders) -> str:
-        """Start a multipart upload; return its upload id."""
+    def create_multipart(self, key: str, *, md5_hex: str | None, headers: ObjectHeaders) -> str:
+        """Start a multipart upload; return its upload id. ``md5_hex`` (the ``md5`` metadata) is None when
+        the parts are sent while the file is hashed (the whole-file MD5 is known only at the end)."""
         ...
 
     def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:

@@ -17,7 +17,7 @@ import botocore.exceptions as bx
 from botocore.config import Config
 
 from sidecar.errors import KeyExistsError, PermanentStoreError, StoreError, TransientStoreError
-from sidecar.store import MD5_METADATA, ObjectHeaders, ObjectInfo, composite_etag, is_md5
+from sidecar.store import MD5_METADATA, Body, ObjectHeaders, ObjectInfo, composite_etag, is_md5
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -76,7 +76,7 @@ def client_config(settings: Settings) -> Config:
         retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=settings.connect_timeout_s,
         read_timeout=settings.read_timeout_s,
-        max_pool_connections=settings.workers + 4,
+        max_pool_connections=settings.workers + settings.part_concurrency + 4,
         tcp_keepalive=True,
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
@@ -212,13 +212,13 @@ class S3Store:
         except Exception as exc:  # every failure is classified; classify re-raises what it does not know
             raise classify(exc, operation=operation, key=key, secrets=self._secrets) from None
 
-    def put(self, key: str, data: bytes, *, md5_hex: str, headers: ObjectHeaders) -> str:
+    def put(self, key: str, data: Body, *, md5_hex: str, headers: ObjectHeaders) -> str:
         # R2 quirk: an explicit Content-MD5 is the integrity check R2 honours (BadDigest on mismatch), and its
         # single-part ETag is that MD5, so the upload is verified without a HEAD. If-None-Match makes the
         # write refuse to replace an object (ComfyUI reuses names after local deletes).
         response = self._call(
-            "PutObject", key, self._client.put_object, Key=key, Body=data, ContentMD5=_md5_b64(md5_hex),
-            IfNoneMatch="*", **headers.s3_args(md5_hex),
+            "PutObject", key, self._client.put_object, Key=key, Body=data, ContentLength=len(data),
+            ContentMD5=_md5_b64(md5_hex), IfNoneMatch="*", **headers.s3_args(md5_hex),
         )
         return _proven(_etag(response), md5_hex, operation="PutObject", key=key)
 
@@ -257,7 +257,7 @@ class S3Store:
             body.close()
         return digest.hexdigest()
 
-    def create_multipart(self, key: str, *, md5_hex: str, headers: ObjectHeaders) -> str:
+    def create_multipart(self, key: str, *, md5_hex: str | None, headers: ObjectHeaders) -> str:
         response = self._call(
             "CreateMultipartUpload", key, self._client.create_multipart_upload, Key=key, **headers.s3_args(md5_hex),
         )

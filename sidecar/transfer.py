@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeVar
 import structlog
 
 from sidecar.errors import KeyExistsError, PermanentStoreError, SidecarError, StoreError
+from sidecar.filebody import FileSlice
 from sidecar.journal import FileRow
 from sidecar.journal_schema import Version, version_of
 from sidecar.keys import KeyBuilder, check_key, path_text
 from sidecar.localfile import open_regular, same_version
+from sidecar.parts import PartBudget, send_parts
 from sidecar.store import ObjectHeaders, ObjectStore, composite_etag
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ class MultipartLedger(Protocol):
 
 
 MAX_PARTS = 10_000
+IN_MEMORY_MAX = 8 * 1024 * 1024  # single PUTs up to this size are read once into memory; larger ones stream
 PROMPT_METADATA = "prompt-id"  # x-amz-meta-prompt-id
 MIB = 1024 * 1024
 
@@ -98,9 +101,10 @@ def part_size_for(size: int, minimum: int) -> int:
 class _Content:
     """What was read: the whole-file MD5, and for multipart the MD5 of each part."""
 
-    md5: str
+    md5: str  # "" for a multipart upload whose hash comes with its one pass (:func:`send_parts`)
     st: os.stat_result
     data: bytes = b""
+    streamed: bool = False  # a single PUT sent from the descriptor, not from ``data``
     part_size: int = 0
     part_md5s: tuple[str, ...] = ()
 
@@ -118,6 +122,7 @@ class Transfer:
         part_size: int,
         retry: Retry,
         ledger: MultipartLedger,
+        budget: PartBudget | None = None,
         on_progress: Callable[[int, int], None] = lambda done, total: None,
         prompt_wait_s: float = 0.0,
         clock: Callable[[], float] = time.time,
@@ -131,6 +136,7 @@ class Transfer:
         self._part_size = part_size
         self._retry = retry
         self._ledger = ledger
+        self._budget = budget or PartBudget(2, 1)
         self._on_progress = on_progress
 
     def run(self, row: FileRow) -> Result:
@@ -145,7 +151,8 @@ class Transfer:
                 # Not the version the writer check confirmed: a writer may be at work on it right now (it was
                 # rewritten after the check). Its own events, or the next scan, record the new version.
                 raise FileChanged(path_text(row.path))
-            content = self._read(row, f, st)
+            md5_first = row.etag is not None or route.keys.needs_md5
+            content = self._read(row, f, st, md5_first=md5_first)
             if row.etag is not None and row.key and row.md5 == content.md5:
                 return self._result(row.key, row.etag, content, "unchanged")
             base = route.keys.key_for(row.path, mtime_ns=st.st_mtime_ns, md5=content.md5, prompt_id=row.prompt_id)
@@ -153,23 +160,25 @@ class Transfer:
             if row.prompt_id:  # known at upload time: the object says which prompt wrote it
                 headers = replace(headers, metadata=(*headers.metadata, (PROMPT_METADATA, row.prompt_id)))
             check_key(base)
-            variant = KeyBuilder.variant(base, content.md5)
             # Known new content under a name we uploaded before goes to its variant at once.
-            first = variant if row.etag is not None and row.md5 != content.md5 else base
-            candidates = [first] if first == variant else [base, variant]
-            for key in candidates:
+            key = KeyBuilder.variant(base, content.md5) if row.etag is not None and row.md5 != content.md5 else base
+            box = [content]
+            while True:
                 check_key(key)
                 try:
-                    etag = self._write(row, f, key, content, headers)
+                    etag = self._write(row, f, key, box, headers)
                 except KeyExistsError:
-                    existing = self._ours(key, content)
+                    existing = self._ours(key, box[0])
                     if existing is not None:
                         return existing
+                    if key != base:
+                        break
+                    key = KeyBuilder.variant(base, box[0].md5)  # the md5 is known once the bytes were read
                     continue
-                return self._result(key, etag, content, "uploaded", base if key != base else "")
+                return self._result(key, etag, box[0], "uploaded", base if key != base else "")
         raise PermanentStoreError(
             "the key and its content-hash variant both hold other bytes", operation="PutObject",
-            key=candidates[-1], code="KeyConflict",
+            key=key, code="KeyConflict",
             hint="another writer uses this prefix; change SIDECAR_KEY_TEMPLATE",
         )
 
@@ -198,51 +207,77 @@ class Transfer:
 
     # -- reading --------------------------------------------------------------------------------------
 
-    def _read(self, row: FileRow, f: BinaryIO, st: os.stat_result) -> _Content:
-        if st.st_size <= self._threshold:
+    def _read(self, row: FileRow, f: BinaryIO, st: os.stat_result, *, md5_first: bool) -> _Content:
+        """Hash the file (single PUTs; multipart only when the MD5 is needed before the first part).
+
+        Small files are held in memory for their one PUT; larger single PUTs are hashed in 1 MiB reads and
+        later streamed from the descriptor, so a worker holds at most 1 MiB of them.
+        """
+        multipart = st.st_size > self._threshold
+        if not multipart and st.st_size <= IN_MEMORY_MAX:
             data = f.read()
             if len(data) != st.st_size or not same_version(st, os.fstat(f.fileno())):
                 raise FileChanged(path_text(row.path))
             return _Content(hashlib.md5(data, usedforsecurity=False).hexdigest(), st, data=data)
-        size = part_size_for(st.st_size, self._part_size)
+        if multipart and not md5_first:
+            return _Content("", st, part_size=part_size_for(st.st_size, self._part_size))
+        chunk_size = part_size_for(st.st_size, self._part_size) if multipart else MIB
         whole, parts, total = hashlib.md5(usedforsecurity=False), [], 0
-        while chunk := f.read(size):
+        fd = f.fileno()
+        while chunk := os.pread(fd, chunk_size, total):
             whole.update(chunk)
-            parts.append(hashlib.md5(chunk, usedforsecurity=False).hexdigest())
+            if multipart:
+                parts.append(hashlib.md5(chunk, usedforsecurity=False).hexdigest())
             total += len(chunk)
-        if total != st.st_size or not same_version(st, os.fstat(f.fileno())):
+            if total >= st.st_size:
+                break
+        if total != st.st_size or not same_version(st, os.fstat(fd)):
             raise FileChanged(path_text(row.path))
-        return _Content(whole.hexdigest(), st, part_size=size, part_md5s=tuple(parts))
+        return _Content(whole.hexdigest(), st, streamed=True, part_size=chunk_size if multipart else 0,
+                        part_md5s=tuple(parts))
 
     # -- writing --------------------------------------------------------------------------------------
 
-    def _write(self, row: FileRow, f: BinaryIO, key: str, content: _Content, headers: ObjectHeaders) -> str:
-        if not content.part_md5s:
-            return self._retry(lambda: self._store.put(key, content.data, md5_hex=content.md5, headers=headers))
-        upload_id = self._retry(lambda: self._store.create_multipart(key, md5_hex=content.md5, headers=headers))
+    def _write(self, row: FileRow, f: BinaryIO, key: str, box: list[_Content], headers: ObjectHeaders) -> str:
+        """Write ``key``; ``box[0]`` is what is known of the content, completed by a multipart pass."""
+        content = box[0]
+        if not content.part_size:
+            size = content.st.st_size
+
+            def body() -> bytes | FileSlice:
+                return FileSlice(f.fileno(), size) if content.streamed else content.data
+
+            return self._retry(lambda: self._store.put(key, body(), md5_hex=content.md5, headers=headers))
+        md5 = content.md5 or None
+        upload_id = self._retry(lambda: self._store.create_multipart(key, md5_hex=md5, headers=headers))
         self._ledger.set_upload(row.id, key, upload_id)
         try:
-            etags = self._send_parts(row, f, key, upload_id, content)
-            etag = self._complete(key, upload_id, etags, content)
+            box[0] = content = self._send_parts(row, f, key, upload_id, content)
+            etag = self._complete(key, upload_id, list(content.part_md5s), content)
         except BaseException:
             self._abort(row.id, key, upload_id)
             raise
         self._ledger.set_upload(row.id, None, None)
         return etag
 
-    def _send_parts(self, row: FileRow, f: BinaryIO, key: str, upload_id: str, content: _Content) -> list[str]:
-        size, total = content.part_size, content.st.st_size
-        etags: list[str] = []
-        for number, offset in enumerate(range(0, total, size), start=1):
-            f.seek(offset)
-            data = f.read(size)
-            if hashlib.md5(data, usedforsecurity=False).hexdigest() != content.part_md5s[number - 1]:
-                raise FileChanged(path_text(row.path))  # the bytes differ from those hashed a moment ago
-            etags.append(self._retry(lambda d=data, n=number: self._store.upload_part(key, upload_id, n, d)))  # type: ignore[misc]
-            self._on_progress(offset + len(data), total)
-        if not same_version(content.st, os.fstat(f.fileno())):
+    def _send_parts(self, row: FileRow, f: BinaryIO, key: str, upload_id: str, content: _Content) -> _Content:
+        """One pass over the file: parts go out in parallel while the whole file is hashed."""
+        total = content.st.st_size
+
+        def upload(number: int, data: bytes) -> str:
+            return self._retry(lambda: self._store.upload_part(key, upload_id, number, data))
+
+        try:
+            sent = send_parts(f.fileno(), total, content.part_size, upload, self._budget,
+                              on_progress=lambda done: self._on_progress(done, total),
+                              expected_md5s=content.part_md5s)
+        except ValueError:
+            raise FileChanged(path_text(row.path)) from None  # the bytes differ from those hashed before
+        if sent.total != total or not same_version(content.st, os.fstat(f.fileno())):
             raise FileChanged(path_text(row.path))
-        return etags
+        if content.md5 and sent.md5 != content.md5:
+            raise FileChanged(path_text(row.path))
+        return replace(content, md5=sent.md5, part_md5s=tuple(sent.etags))
 
     def _complete(self, key: str, upload_id: str, etags: list[str], content: _Content) -> str:
         try:

@@ -44,7 +44,9 @@ def test_headers_metadata_and_storage_class_on_single_and_multipart_objects(worl
     for rel, data in files.items():
         info = head(world, world.key(rel))
         assert info["CacheControl"] == IMMUTABLE, rel
-        assert info["Metadata"] == {"md5": hashlib.md5(data).hexdigest(), "tenant": "acme", "project": "p1"}, rel
+        # A multipart object is hashed while its parts are sent: its MD5 is in the journal, not the metadata.
+        own = {} if rel == "big.mp4" else {"md5": hashlib.md5(data).hexdigest()}
+        assert info["Metadata"] == {**own, "tenant": "acme", "project": "p1"}, rel
         assert info.get("StorageClass") == "STANDARD_IA", rel
     assert head(world, world.key("logo.svg"))["ContentDisposition"] == "attachment"  # SVG can carry script
     assert head(world, world.key("logo.svg"))["ContentType"] == "image/svg+xml"

@@ -14,12 +14,14 @@ from support.s3server import S3Server
 
 from sidecar.config import load_settings
 from sidecar.errors import KeyExistsError, PermanentStoreError, TransientStoreError
+from sidecar.filebody import FileSlice
 from sidecar.journal import FileRow
 from sidecar.keys import KeyBuilder
+from sidecar.parts import PartBudget
 from sidecar.routing import Router
-from sidecar.store import ObjectHeaders
+from sidecar.store import ObjectHeaders, composite_etag
 from sidecar.store_s3 import S3Store, make_client
-from sidecar.transfer import MAX_PARTS, MIB, Transfer, part_size_for
+from sidecar.transfer import IN_MEMORY_MAX, MAX_PARTS, MIB, Transfer, part_size_for
 
 T = TypeVar("T")
 
@@ -67,9 +69,10 @@ class Ledger:
 
 
 def make_transfer(store: S3Store, root: Path, threshold: int = 64 * MIB, part: int = 5 * MIB, *,
-                  template: str = "pod/{relpath}", ledger: Ledger | None = None) -> Transfer:
+                  template: str = "pod/{relpath}", ledger: Ledger | None = None,
+                  budget: PartBudget | None = None) -> Transfer:
     return Transfer(store, root, Router.plain(KeyBuilder(template, "pod")), multipart_threshold=threshold,
-                    part_size=part, retry=once, ledger=ledger or Ledger())
+                    part_size=part, retry=once, ledger=ledger or Ledger(), budget=budget)
 
 
 def test_put_is_one_r2_acceptable_request(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server, bucket: str) -> None:
@@ -266,8 +269,25 @@ def test_multipart_uses_equal_parts_and_round_trips(store: S3Store, r2_proxy: R2
     parts = r2_proxy.parts()
     assert [p.payload_len for p in parts] == [5 * MIB, 5 * MIB, 12345]
     assert all("content-md5" in p.headers for p in parts)
+    assert result.md5 == md5(data)  # the whole-file MD5 from the same pass that sent the parts
     info = store.head(result.key)
-    assert info is not None and info.md5 == md5(data)
+    part_md5s = [md5(data[i:i + 5 * MIB]) for i in range(0, len(data), 5 * MIB)]
+    assert info is not None and info.etag == composite_etag(part_md5s) and info.claimed_md5 is None
+
+
+def test_multipart_sends_parts_in_parallel_while_hashing(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server,
+                                                         bucket: str, tmp_path: Path) -> None:
+    """Parts overlap in flight (the proxy sees as many at once as there are senders, never more)."""
+    data = os.urandom(5 * MIB * 6)
+    (tmp_path / "big.mp4").write_bytes(data)
+    r2_proxy.delay(0.3, when=lambda r: r.operation == "UploadPart")
+    budget = PartBudget(buffers=4, senders=3)
+    result = make_transfer(store, tmp_path, threshold=5 * MIB, budget=budget).run(row(b"big.mp4"))
+    assert s3_server.objects(bucket)[result.key] == data and result.md5 == md5(data)
+    spans = [(r.started, r.started + (r.duration or 0)) for r in r2_proxy.parts()]
+    assert len(spans) == 6
+    overlap = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+    assert overlap == 3
 
 
 def test_part_size_keeps_under_ten_thousand_parts() -> None:
@@ -326,3 +346,26 @@ def test_a_version_other_than_the_confirmed_one_is_never_sent(store: S3Store, r2
     again = make_transfer(store, tmp_path).run(
         row(b"a.png", size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino, ctime_ns=st.st_ctime_ns))
     assert again.outcome == "uploaded" and again.size == 100
+
+
+def test_large_single_put_streams_from_the_file(store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server,
+                                                bucket: str, tmp_path: Path) -> None:
+    """Above the in-memory size a single PUT is sent from the descriptor: one request, exact bytes."""
+    data = os.urandom(IN_MEMORY_MAX + 3 * MIB + 7)
+    (tmp_path / "clip.mp4").write_bytes(data)
+    result = make_transfer(store, tmp_path).run(row(b"clip.mp4"))
+    assert s3_server.objects(bucket)[result.key] == data and result.md5 == md5(data)
+    (put,) = r2_proxy.requests
+    assert put.operation == "PutObject" and put.payload_len == len(data) and "content-md5" in put.headers
+
+
+def test_file_slice_never_sends_more_than_was_hashed(tmp_path: Path) -> None:
+    """A file that grows after hashing still yields exactly the hashed length; seeks behave like a file."""
+    path = tmp_path / "grow.bin"
+    path.write_bytes(b"0123456789")
+    with path.open("rb") as f:
+        body = FileSlice(f.fileno(), 6)
+        with path.open("ab") as w:
+            w.write(b"more")
+        assert len(body) == 6 and body.read(4) == b"0123" and body.read() == b"45" and body.read() == b""
+        assert body.seek(0, 2) == 6 and body.tell() == 6 and body.seek(1) == 1 and body.read(100) == b"12345"

@@ -14,13 +14,13 @@ import threading
 from dataclasses import dataclass, field
 
 from sidecar.errors import KeyExistsError, PermanentStoreError, StoreError, TransientStoreError
-from sidecar.store import ObjectHeaders, ObjectInfo, composite_etag
+from sidecar.store import Body, ObjectHeaders, ObjectInfo, composite_etag
 
 
 @dataclass
 class _Upload:
     key: str
-    md5_hex: str
+    md5_hex: str | None
     parts: dict[int, bytes] = field(default_factory=dict)
 
 
@@ -68,8 +68,10 @@ class MemoryStore:
 
     # -- ObjectStore ---------------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes, *, md5_hex: str, headers: ObjectHeaders) -> str:
+    def put(self, key: str, data: Body, *, md5_hex: str, headers: ObjectHeaders) -> str:
         lie = self._enter("PutObject", key)
+        if not isinstance(data, bytes):
+            data = data.read()
         if hashlib.md5(data).hexdigest() != md5_hex:
             raise TransientStoreError("BadDigest (400)", operation="PutObject", key=key, code="BadDigest")
         with self._lock:
@@ -99,7 +101,7 @@ class MemoryStore:
             data = self.objects.get(key)
         return None if data is None else hashlib.md5(data).hexdigest()
 
-    def create_multipart(self, key: str, *, md5_hex: str, headers: ObjectHeaders) -> str:
+    def create_multipart(self, key: str, *, md5_hex: str | None, headers: ObjectHeaders) -> str:
         self._enter("CreateMultipartUpload", key)
         with self._lock:
             upload_id = f"upload-{next(self._ids)}"
@@ -129,7 +131,7 @@ class MemoryStore:
             etag = composite_etag([hashlib.md5(p).hexdigest() for p in parts])
             del self._uploads[upload_id]
             self.objects[key] = b"".join(parts)
-            self.metadata[key] = {"md5": upload.md5_hex}
+            self.metadata[key] = {"md5": upload.md5_hex} if upload.md5_hex else {}
             self._etags[key] = etag
         if lie:
             raise _no_etag("CompleteMultipartUpload", key)
