@@ -24,14 +24,16 @@ class _Job:
     """One part's upload, run by a sender thread; ``result`` waits for it."""
 
     def __init__(self, fn: Callable[[], str]) -> None:
-        self.fn = fn
+        self.fn: Callable[[], str] | None = fn
         self._done = threading.Event()
         self._value = ""
         self._error: BaseException | None = None
 
     def run(self) -> None:
+        fn, self.fn = self.fn, None  # the part's bytes live in fn: let them go as soon as it has run
         try:
-            self._value = self.fn()
+            if fn is not None:
+                self._value = fn()
         except BaseException as exc:  # handed to the thread that waits in result()
             self._error = exc
         self._done.set()
@@ -104,12 +106,13 @@ def send_parts(
     run = _Pass(upload, budget, expected_md5s)
     whole = hashlib.md5(usedforsecurity=False)
     jobs: list[_Job] = []
-    total = 0
+    total = reported = 0
     for number, offset in enumerate(range(0, size, part_size), start=1):
         if run.failed.is_set():
             break
-        if run.done:
-            on_progress(run.done)  # from this thread: progress is kept per uploading thread
+        if run.done > reported:
+            reported = run.done
+            on_progress(reported)  # from this thread: progress is kept per uploading thread
         budget.acquire()
         try:
             data = os.pread(fd, min(part_size, size - offset), offset)
@@ -127,7 +130,9 @@ def send_parts(
     for job in jobs:
         try:
             etags.append(job.result())
-            on_progress(run.done)
+            if run.done > reported:
+                reported = run.done
+                on_progress(reported)
         except PartFailed:
             continue
         except BaseException as exc:

@@ -84,6 +84,8 @@ def test_put_is_one_r2_acceptable_request(store: S3Store, r2_proxy: R2Proxy, s3_
     assert put.method == "PUT" and put.status == 200
     assert "content-md5" in put.headers and "x-amz-trailer" not in put.headers
     assert put.headers.get("if-none-match") == "*"
+    # The signature covers Content-MD5, not a second hash of the body (the form botocore uses over https)
+    assert put.headers.get("x-amz-content-sha256") == "UNSIGNED-PAYLOAD"
     assert s3_server.objects(bucket) == {"k/a.png": data}
     assert s3_server.head(bucket, "k/a.png")["ContentType"] == "image/png"
 

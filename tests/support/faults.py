@@ -448,7 +448,8 @@ class SinkUpload:
     parts: dict[int, tuple[int, str]] = field(default_factory=dict)  # number -> (size, md5 hex)
     digest: Any = field(default_factory=hashlib.md5)  # MD5 of the parts, fed in order
     next_part: int = 1
-    in_order: bool = True
+    early: dict[int, list[bytes]] = field(default_factory=dict)  # parts that came before their predecessor
+    in_order: bool = True  # False once more parts were early at once than MAX_EARLY allows
     completed: bool = False
     aborted: bool = False
 
@@ -471,6 +472,7 @@ class S3Sink:
 
     MIN_PART = 5 * MIB
     MAX_PARTS = 10_000
+    MAX_EARLY = 32  # parts held for ordering at once; more means the client does not bound its parts in flight
 
     def __init__(self) -> None:
         self.objects: dict[str, SinkObject] = {}
@@ -659,25 +661,24 @@ class _SinkHandler(BaseHTTPRequestHandler):
             self._stream_body()
             self._answer("UploadPart", key, 404, code="NoSuchUpload")
             return
-        in_order = number == upload.next_part
         pieces: list[bytes] = []
-
-        def keep(chunk: bytes) -> None:
-            if in_order:
-                pieces.append(chunk)  # at most one part (<= the daemon's part size) held at a time
-
-        size, md5 = self._stream_body(keep)
+        size, md5 = self._stream_body(pieces.append)
         if not self._md5_ok(md5):
             self._answer("UploadPart", key, 400, code="BadDigest")
             return
         with self.owner.lock:
             upload.parts[number] = (size, md5)
-            if in_order:
-                for piece in pieces:
-                    upload.digest.update(piece)
-                upload.next_part += 1
-            elif number > upload.next_part:
-                upload.in_order = False
+            # Parts sent in parallel arrive out of order: hold the early ones (at most the daemon's parts in
+            # flight, each <= its part size) and feed the digest in part order.
+            if number > upload.next_part:
+                upload.early[number] = pieces
+                upload.in_order = upload.in_order and len(upload.early) <= S3Sink.MAX_EARLY
+            elif number == upload.next_part:
+                upload.early[number] = pieces
+                while upload.next_part in upload.early:
+                    for piece in upload.early.pop(upload.next_part):
+                        upload.digest.update(piece)
+                    upload.next_part += 1
         self._answer("UploadPart", key, 200, headers={"ETag": f'"{md5}"'})
 
     def do_DELETE(self) -> None:
