@@ -4,10 +4,12 @@ Watching tools run for the whole measurement and pick files up by themselves:
   inotify      `inotifywait -m -r -e close_write` piped into a loop that starts one boto3 process per file
   rclone       `rclone copy --transfers 8` in a `while true; ...; sleep 1` loop (defaults, see below)
   rclone-fast  the same with `--no-check-dest --s3-no-head`
+  rclone-smart the same with the flags a knowledgeable user sets (RCLONE_SMART)
   aws-cp       `aws s3 cp --recursive` in a loop (8 concurrent requests)
   aws-sync     `aws s3 sync` in a loop (8 concurrent requests)
   sidecar      `python -m sidecar run`
-The ceiling is not a watcher: `boto3` uploads files already on disk from one process (peers/boto3_pool.py).
+The ceilings are not watchers: `boto3` and `sidecar-store` (the daemon's own request code) upload files
+already on disk from one process with 8 threads (peers/boto3_pool.py).
 
 rclone "defaults" carries one flag, `--no-update-modtime`: localbucket stores no user metadata, so rclone
 cannot read back the mtime it stored and, without the flag, would server-side copy every already-uploaded
@@ -31,6 +33,11 @@ import proctree
 from lbserver import LocalBucket, free_port
 
 SIDECAR_READY_EVENT = "scan_completed"
+# What a user who read rclone's S3 docs runs: one LIST per 1000 keys (--fast-list), compare against the
+# listing's LastModified instead of a HEAD per object (--update --use-server-modtime --s3-no-head), no
+# bucket probe. One request per new file, and a LIST per pass.
+RCLONE_SMART = "--fast-list --update --use-server-modtime --s3-no-head --s3-no-check-bucket"
+CEILING_MODES = {"boto3": "put", "boto3-md5": "put-md5", "sidecar-store": "sidecar-store"}
 
 
 @dataclass
@@ -88,9 +95,12 @@ PEERS = {
     for p in [
         Peer("boto3", "raw boto3 put_object x8 (ceiling)", "ceiling"),
         Peer("boto3-md5", "raw boto3 put_object x8 + Content-MD5, R2-safe", "ceiling"),
+        Peer("sidecar-store", "the daemon's own PUT path (S3Store.put) x8, no daemon (ceiling)", "ceiling"),
         Peer("sidecar", "sidecar daemon", "watch"),
         Peer("rclone", "rclone copy loop (defaults)", "watch"),
         Peer("rclone-fast", "rclone copy loop --no-check-dest --s3-no-head", "watch"),
+        Peer("rclone-smart", "rclone copy loop, knowledgeable (--fast-list --update --use-server-modtime "
+                             "--s3-no-head --s3-no-check-bucket)", "watch"),
         Peer("aws-cp", "aws s3 cp --recursive loop", "watch"),
         Peer("aws-sync", "aws s3 sync loop", "watch"),
         Peer("inotify", "inotifywait + 1 python3 process per file", "watch"),
@@ -109,6 +119,7 @@ def watch_command(ctx: Ctx, peer: str, watch: Path, bucket: str) -> str:
     commands = {
         "rclone": shell_loop(f"{rclone} --no-update-modtime"),
         "rclone-fast": shell_loop(f"{rclone} --no-check-dest --s3-no-head"),
+        "rclone-smart": shell_loop(f"{rclone} {RCLONE_SMART}"),
         "aws-cp": shell_loop(f"{aws} cp --recursive {w} s3://{bucket}/ --only-show-errors"),
         "aws-sync": shell_loop(f"{aws} sync {w} s3://{bucket}/ --only-show-errors"),
         "inotify": (

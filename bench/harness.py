@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import resource
@@ -52,6 +53,9 @@ class Observed:
     requests: Counter[str]
     stop_reason: str  # "" when every expected file arrived
     background_cores: float = 0.0  # machine CPU used by anything but the tool, the server and the bench
+    checked: int = 0  # objects whose bytes were compared with their file
+    mismatched: int = 0  # ... and differed (torn, partial or other bytes)
+    extra_keys: int = 0  # objects under keys no file has (variant keys, temp names)
     stopped_after_s: float = 0.0  # when the run was cut short (time cap / memory guard), seconds after t0
 
     @property
@@ -130,12 +134,35 @@ def measure_watcher(
     time.sleep(0.3)  # the server logs a request just after answering it: let the last lines land
     for key, t in ctx.server.arrived(bucket, dict(expected))[1].items():
         committed.setdefault(key, t)
+    checked, mismatched, extra = verify_bytes(ctx, bucket, watch, expected)
     return Observed(
         t0=t0, expected=dict(expected), closed=dict(closed), committed=committed, cpu_s=cpu1 - cpu0,
         peak_rss=sampler.peak_rss, peak_hwm=sampler.peak_hwm, peak_procs=sampler.peak_procs,
         requests=ctx.server.requests(bucket), stop_reason=reason, background_cores=background,
-        stopped_after_s=stopped if reason else 0.0,
+        stopped_after_s=stopped if reason else 0.0, checked=checked, mismatched=mismatched, extra_keys=extra,
     )
+
+
+def verify_bytes(ctx: Ctx, bucket: str, src: Path, expected: dict[str, int]) -> tuple[int, int, int]:
+    """Compare every object of ``bucket`` with its file below ``src``, byte for byte (from the server's data
+    directory: no request). Returns (objects compared, objects that differ, objects under unexpected keys)."""
+    found = ctx.server.objects(bucket)
+    checked = mismatched = 0
+    for key in found:
+        if key not in expected:
+            continue
+        checked += 1
+        try:
+            same = filecmp.cmp(ctx.server.bucket_dir(bucket) / key, src / key, shallow=False)
+        except OSError:
+            same = False  # the file is gone locally: nothing to compare with, counted as a difference
+        mismatched += not same
+    return checked, mismatched, sum(1 for key in found if key not in expected)
+
+
+def integrity(obs: Observed) -> dict[str, float]:
+    """The byte checks of a run as metrics."""
+    return {"bytes_checked": obs.checked, "bytes_mismatched": obs.mismatched, "extra_keys": obs.extra_keys}
 
 
 def measure_ceiling(ctx: Ctx, src: Path, bucket: str, mode: str, *, threads: int, cap_s: float) -> Observed:
@@ -145,7 +172,10 @@ def measure_ceiling(ctx: Ctx, src: Path, bucket: str, mode: str, *, threads: int
     }
     argv = [ctx.python, str(ctx.bench / "peers" / "boto3_pool.py"), "--dir", str(src), "--bucket", bucket,
             "--endpoint", ctx.server.endpoint, "--threads", str(threads), "--mode", mode]
-    proc = subprocess.Popen(argv, env=ctx.base_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    env = ctx.base_env()
+    if mode == "sidecar-store":
+        env["PYTHONPATH"] = str(ctx.repo)
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, start_new_session=True)
     assert proc.stdin is not None and proc.stdout is not None
     sampler = proctree.Sampler(proc.pid, limits=proctree.Limits(deadline=time.monotonic() + cap_s + 30))
@@ -167,12 +197,13 @@ def measure_ceiling(ctx: Ctx, src: Path, bucket: str, mode: str, *, threads: int
         proc.wait()
     time.sleep(0.3)  # the server logs a request just after answering it: let the last lines land
     _, committed = ctx.server.arrived(bucket, expected)
+    checked, mismatched, extra = verify_bytes(ctx, bucket, src, expected)
     return Observed(
         t0=result["start"], expected=expected, closed=result.get("times", {}), committed=committed,
         cpu_s=cpu1 - cpu0, peak_rss=sampler.peak_rss, peak_hwm=sampler.peak_hwm,
         peak_procs=sampler.peak_procs, requests=ctx.server.requests(bucket),
         stop_reason="" if len(committed) == len(expected) else "not all files arrived",
-        background_cores=background,
+        background_cores=background, checked=checked, mismatched=mismatched, extra_keys=extra,
     )
 
 

@@ -11,7 +11,8 @@ from harness import Sample
 
 LABELS = {**{k: p.label for k, p in PEERS.items()}, "raw-put": "raw PUT, one at a time (boto3)",
           "sidecar-initial-upload": "sidecar, first upload of the tree (to fill its journal)"}
-RCLONES = ("rclone", "rclone-fast")
+RCLONES = ("rclone", "rclone-fast", "rclone-smart")
+CEILINGS = ("boto3", "sidecar-store")
 
 
 @dataclass
@@ -86,8 +87,15 @@ def best(aggs: dict[str, Agg], names: tuple[str, ...], key: str, pick=max) -> fl
     return pick(vals) if vals else float("nan")
 
 
+def checked_cell(a: Agg) -> str:
+    """Byte checks: objects compared / differing / under keys no file has."""
+    if not a.has("bytes_checked"):
+        return "—"
+    return f"{a.cell('bytes_checked')} / {a.cell('bytes_mismatched')} / {a.cell('extra_keys')}"
+
+
 def burst_table(aggs: dict[str, Agg]) -> str:
-    ceiling = aggs["boto3"].median("files_per_s") if "boto3" in aggs else float("nan")
+    ceiling = best(aggs, CEILINGS, "files_per_s")
     rclone_fps = best(aggs, RCLONES, "files_per_s")
     rclone_cpu = best(aggs, RCLONES, "cpu_s_per_1000", min)
     rows = []
@@ -96,10 +104,10 @@ def burst_table(aggs: dict[str, Agg]) -> str:
         rows.append([LABELS.get(a.peer, a.peer), a.cell("files_per_s"), a.cell("seconds", 2),
                      a.cell("cpu_s_per_1000", 2), a.cell("requests_per_file", 2), a.cell("peak_rss_mb"),
                      ratio(fps, ceiling), ratio(fps, rclone_fps), ratio(a.median("cpu_s_per_1000"), rclone_cpu),
-                     a.cell("background_cores", 2), notes_cell(a)])
+                     checked_cell(a), a.cell("background_cores", 2), notes_cell(a)])
     return table(["tool", "files/s", "time s", "CPU s / 1000 files", "requests / file", "peak RSS MB",
-                  "files/s x ceiling", "files/s x best rclone", "CPU x best rclone", "background load (cores)",
-                  "requests made, notes"], rows)
+                  "files/s x best ceiling", "files/s x best rclone", "CPU x cheapest rclone",
+                  "bytes checked / differing / extra keys", "background load (cores)", "requests made, notes"], rows)
 
 
 def steady_table(aggs: dict[str, Agg]) -> str:
@@ -109,11 +117,12 @@ def steady_table(aggs: dict[str, Agg]) -> str:
         over = a.median("p99_ms") - raw_p99 if a.peer != "raw-put" else float("nan")
         rows.append([LABELS.get(a.peer, a.peer), a.cell("p50_ms"), a.cell("p95_ms"), a.cell("p99_ms"),
                      a.cell("max_ms"), num(over, 0), a.cell("excess_p99_ms"), a.cell("requests_per_file", 2),
-                     a.cell("cpu_s_per_1000", 1), a.cell("cpu_pct", 1), a.cell("peak_rss_mb"),
+                     a.cell("cpu_s_per_1000", 1), a.cell("cpu_pct", 1), a.cell("peak_rss_mb"), checked_cell(a),
                      a.cell("background_cores", 2), notes_cell(a)])
     return table(["tool", "p50 ms", "p95 ms", "p99 ms", "max ms", "p99 - raw PUT p99, ms",
                   "p99 of (latency - raw PUT of the same file), ms", "requests / file", "CPU s / 1000 files",
-                  "CPU % of a core", "peak RSS MB", "background load (cores)", "requests made, notes"], rows)
+                  "CPU % of a core", "peak RSS MB", "bytes checked / differing / extra keys",
+                  "background load (cores)", "requests made, notes"], rows)
 
 
 def large_table(aggs: dict[str, Agg]) -> str:
@@ -121,9 +130,10 @@ def large_table(aggs: dict[str, Agg]) -> str:
     label = {**LABELS, "boto3": "raw boto3 upload_file, 8 threads (ceiling)"}
     rows = [[label.get(a.peer, a.peer), a.cell("mib_per_s"), a.cell("seconds", 2),
              ratio(a.median("mib_per_s"), ceiling), a.cell("peak_rss_mb"), a.cell("cpu_s", 2),
-             a.cell("requests"), a.cell("background_cores", 2), notes_cell(a)] for a in aggs.values()]
+             a.cell("requests"), checked_cell(a), a.cell("background_cores", 2), notes_cell(a)]
+            for a in aggs.values()]
     return table(["tool", "MiB/s", "close → committed, s", "x ceiling", "peak RSS MB", "CPU s", "requests",
-                  "background load (cores)", "requests made, notes"], rows)
+                  "bytes checked / differing / extra keys", "background load (cores)", "requests made, notes"], rows)
 
 
 def cold_table(aggs: dict[str, Agg]) -> str:
@@ -149,8 +159,42 @@ def idle_table(aggs: dict[str, Agg]) -> str:
                   "requests made"], rows)
 
 
+def writers_table(aggs: dict[str, Agg]) -> str:
+    rows = [[a.peer, a.cell("files"), a.cell("requests_per_file", 2), a.cell("reuploads"), checked_cell(a),
+             a.cell("p50_ms"), a.cell("p99_ms"), a.cell("max_ms"), a.cell("cpu_ms_per_file", 1),
+             a.cell("floor_cpu_ms_per_file", 1), a.cell("cpu_x_floor", 2), notes_cell(a)] for a in aggs.values()]
+    return table(["writer shape", "files", "requests / file", "re-uploads", "bytes checked / differing / extra keys",
+                  "p50 ms", "p99 ms", "max ms", "daemon CPU ms / file", "floor CPU ms / file (MD5 + one send)",
+                  "x floor", "requests made"], rows)
+
+
+def memory_table(aggs: dict[str, Agg]) -> str:
+    rows = []
+    for a in aggs.values():
+        if a.peer.endswith("/stream"):
+            waves = " → ".join(a.cell(k, 1) for k in sorted(a.values) if k.startswith("rss_after_wave_"))
+            rows.append([a.peer, f"{a.cell('arrived')} files; RSS after each 5,000: {waves} MB",
+                         a.cell("rss_growth_mb", 1), "—", notes_cell(a)])
+        else:
+            rows.append([a.peer, a.cell("peak_rss_mb"), "—", a.cell("seconds", 2) + f" s; {checked_cell(a)}",
+                         notes_cell(a)])
+    return table(["tool / case", "peak RSS MB (4x60MB) or RSS per wave", "RSS growth MB",
+                  "time; bytes checked / differing / extra keys", "requests made"], rows)
+
+
+def million_table(aggs: dict[str, Agg]) -> str:
+    rows = [[LABELS.get(a.peer, a.peer), a.cell("seconds", 2), a.cell("requests"), a.cell("peak_rss_mb"),
+             a.cell("cpu_s", 2), a.cell("journal_bytes_per_file"), a.cell("scrape_s", 3),
+             f"{a.cell('probe_p50_ms')} / {a.cell('probe_max_ms')}",
+             f"{a.cell('scraped_p50_ms')} / {a.cell('scraped_max_ms')} ({a.cell('scrapes_during_probe')} scrapes)",
+             notes_cell(a, 1)] for a in aggs.values()]
+    return table(["tool", "restart → scan_completed, s", "requests", "peak RSS MB", "CPU s", "journal bytes / file",
+                  "/metrics scrape s", "new files p50 / max ms, no scraper", "new files p50 / max ms, scraper looping",
+                  "notes"], rows)
+
+
 TABLES = {"burst": burst_table, "steady": steady_table, "large": large_table, "cold": cold_table,
-          "idle": idle_table}
+          "idle": idle_table, "writers": writers_table, "memory": memory_table, "million": million_table}
 
 
 def summary_table(aggs: dict[str, dict[str, Agg]]) -> str:
@@ -158,7 +202,8 @@ def summary_table(aggs: dict[str, dict[str, Agg]]) -> str:
     def get(workload: str, peer: str) -> Agg:
         return aggs.get(workload, {}).get(peer) or Agg(peer)
 
-    order = ["boto3", "boto3-md5", "raw-put", "sidecar", "rclone", "rclone-fast", "aws-cp", "aws-sync", "inotify"]
+    order = ["boto3", "boto3-md5", "sidecar-store", "raw-put", "sidecar", "rclone", "rclone-fast", "rclone-smart",
+             "aws-cp", "aws-sync", "inotify"]
     peers = [p for p in order if any(p in a for a in aggs.values())]
     rows = []
     for p in peers:

@@ -34,17 +34,23 @@ import wl_burst  # noqa: E402
 import wl_cold  # noqa: E402
 import wl_idle  # noqa: E402
 import wl_large  # noqa: E402
+import wl_memory  # noqa: E402
+import wl_million  # noqa: E402
 import wl_steady  # noqa: E402
+import wl_writers  # noqa: E402
 from harness import Sample  # noqa: E402
 from lbserver import LocalBucket  # noqa: E402
 
-WORKLOADS = {m.NAME: m for m in (wl_burst, wl_steady, wl_large, wl_cold, wl_idle)}
+WORKLOADS = {m.NAME: m for m in (wl_burst, wl_steady, wl_writers, wl_large, wl_memory, wl_cold, wl_million, wl_idle)}
 TITLES = {
     "burst": "1 · Burst: 1,000 x 200 KB written as fast as possible",
     "steady": "2 · Steady stream, ComfyUI-like: 0.5-3 MB files at 4/s, written in place in 8 chunks",
     "large": "3 · Large file",
     "cold": "4 · Cold start over a big tree of already-uploaded files",
-    "idle": "5 · Idle",
+    "idle": "8 · Idle over a populated tree",
+    "writers": "6 · ComfyUI's writers: confirmed at the close event, uploaded once, byte-identical",
+    "memory": "7 · Memory: four 60 MB single PUTs at once, and RSS over a 20,000-file stream",
+    "million": "5 · Scale: restart over 1,000,000 already-uploaded files",
 }
 
 
@@ -192,7 +198,7 @@ def render(args: argparse.Namespace, info: dict[str, str], started: datetime,
            machine.markdown(info), ""]
     out += ["## Summary (medians)", "", report.summary_table(aggs), ""]
     if "sidecar" in {p for samples in results.values() for p in (s.peer for s in samples)}:
-        out += ["## Where the daemon stands (issue 6 targets)", "",
+        out += ["## Where the daemon stands (issue 14 targets)", "",
                 report.table(["target", "sidecar", "limit", "verdict"], targets.rows(aggs)), ""]
     for name, agg in aggs.items():
         title = TITLES[name]
@@ -201,9 +207,10 @@ def render(args: argparse.Namespace, info: dict[str, str], started: datetime,
         if name == "cold":
             title += f": {'10,000' if args.quick else '100,000'} files"
         if name == "idle":
-            title += f": {'15' if args.quick else '60'} s, every tool at once"
+            title += (f": {'15' if args.quick else '60'} s, every tool at once, each over "
+                      f"{'2,000' if args.quick else '10,000'} uploaded files")
         if name == "steady":
-            title += f", for {'15' if args.quick else '60'} s"
+            title += ", for 60 s (240 files)"
         out += [f"## {title}", "", report.TABLES[name](agg), ""]
     return "\n".join(out)
 

@@ -11,11 +11,14 @@ import os
 import time
 from pathlib import Path
 
-from contenders import PEERS, Ctx
-from harness import Observed, Sample, fresh_dir, measure_ceiling, measure_watcher, request_summary
+from contenders import CEILING_MODES, PEERS, Ctx
+from harness import Observed, Sample, fresh_dir, integrity, measure_ceiling, measure_watcher, request_summary
 
 NAME = "burst"
-DEFAULT_PEERS = ["boto3", "boto3-md5", "sidecar", "rclone", "rclone-fast", "aws-cp", "aws-sync", "inotify"]
+# The per-file-process peer goes last: its fork storm must not run just before another tool.
+DEFAULT_PEERS = ["boto3", "boto3-md5", "sidecar-store", "sidecar", "rclone", "rclone-fast", "rclone-smart",
+                 "aws-cp", "aws-sync", "inotify"]
+QUICK_PEERS = ["boto3", "sidecar-store", "sidecar", "rclone", "rclone-smart", "aws-sync", "inotify"]
 FILES = 1000
 SIZE = 200_000
 WORKERS = 8
@@ -49,7 +52,7 @@ def summarise(peer: str, run: int, obs: Observed) -> Sample:
         "requests_per_file": per_file,
         "peak_rss_mb": obs.peak_rss / 2**20,
         "peak_procs": obs.peak_procs,
-        "background_cores": obs.background_cores,
+        "background_cores": obs.background_cores, **integrity(obs),
     }
     if obs.finished:
         seconds = obs.last_commit - obs.t0
@@ -72,8 +75,7 @@ def run(ctx: Ctx, peers: list[str], runs: int, log: callable) -> list[Sample]:  
         for peer in peers:
             bucket = ctx.server.new_bucket(f"burst-{peer}-{r}")
             if PEERS[peer].kind == "ceiling":
-                mode = "put-md5" if peer == "boto3-md5" else "put"
-                obs = measure_ceiling(ctx, src, bucket, mode, threads=8, cap_s=120)
+                obs = measure_ceiling(ctx, src, bucket, CEILING_MODES[peer], threads=8, cap_s=120)
             else:
                 cap = (30 if ctx.quick else 60) if peer == "inotify" else 120
                 watch = fresh_dir(ctx.work / "watch")

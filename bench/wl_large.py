@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 from contenders import PEERS, Ctx
-from harness import Observed, Sample, fresh_dir, measure_ceiling, measure_watcher, request_summary
+from harness import Observed, Sample, fresh_dir, integrity, measure_ceiling, measure_watcher, request_summary
 
 NAME = "large"
-DEFAULT_PEERS = ["boto3", "sidecar", "rclone", "rclone-fast", "aws-cp", "aws-sync", "inotify"]
+DEFAULT_PEERS = ["boto3", "sidecar", "rclone", "rclone-fast", "rclone-smart", "aws-cp", "aws-sync", "inotify"]
+QUICK_PEERS = ["boto3", "sidecar", "rclone-smart", "aws-cp"]
 NAME_IN_TREE = "ComfyUI_00001_.mp4"
 BLOCK = 8 * 2**20
 
@@ -24,7 +25,8 @@ def write_big(folder: Path, size: int, block: bytes, expected: dict[str, int], c
     expected[NAME_IN_TREE] = size
     with open(folder / NAME_IN_TREE, "wb") as f:
         for offset in range(0, size, len(block)):
-            f.write(block[: min(len(block), size - offset)])
+            piece = offset.to_bytes(8, "big") + block[8 : min(len(block), size - offset)]  # no two blocks alike
+            f.write(piece)
     closed[NAME_IN_TREE] = time.time()
 
 
@@ -33,7 +35,7 @@ def summarise(peer: str, run: int, obs: Observed, size: int) -> Sample:
     per_file, detail = request_summary(obs.requests, 1)
     start = obs.closed.get(NAME_IN_TREE, obs.t0) if PEERS[peer].kind == "watch" else obs.t0
     sample.metrics = {"peak_rss_mb": max(obs.peak_rss, obs.peak_hwm) / 2**20, "requests": per_file,
-                      "cpu_s": obs.cpu_s, "background_cores": obs.background_cores}
+                      "cpu_s": obs.cpu_s, "background_cores": obs.background_cores, **integrity(obs)}
     if obs.finished:
         seconds = obs.last_commit - start
         sample.metrics.update(seconds=seconds, mib_per_s=size / 2**20 / seconds)

@@ -5,7 +5,10 @@ line on stdin, uploads, then prints one JSON line ``{"start": t, "end": t, "time
 That keeps interpreter start-up and imports out of the measurement, as they are for a running daemon.
 
 Modes: ``put`` (put_object, botocore defaults incl. its CRC32 checksum), ``put-md5`` (the R2-safe form:
-checksums only when required plus an explicit Content-MD5), ``upload-file`` (managed multipart transfer).
+checksums only when required plus an explicit Content-MD5), ``upload-file`` (managed multipart transfer),
+``sidecar-store`` (the daemon's own request path: its client configuration and ``S3Store.put`` with
+Content-MD5, If-None-Match and the ETag proof, on a bare thread pool: no watching, journal or checks —
+the real ceiling for the daemon's request form; needs the repository on PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+
+HEADERS: Any = None  # the daemon's ObjectHeaders (sidecar-store mode)
 
 
 def main() -> None:
@@ -30,7 +36,7 @@ def main() -> None:
     p.add_argument("--bucket", required=True)
     p.add_argument("--endpoint", required=True)
     p.add_argument("--threads", type=int, default=8)
-    p.add_argument("--mode", choices=["put", "put-md5", "upload-file"], default="put")
+    p.add_argument("--mode", choices=["put", "put-md5", "upload-file", "sidecar-store"], default="put")
     a = p.parse_args()
     extra = {}
     if a.mode == "put-md5":
@@ -41,11 +47,16 @@ def main() -> None:
         os.path.relpath(os.path.join(d, f), a.dir) for d, _, names in os.walk(a.dir) for f in names
     )
     transfer = TransferConfig(max_concurrency=a.threads)
+    store = sidecar_store(a) if a.mode == "sidecar-store" else None
 
     def upload(key: str) -> tuple[str, float]:
         t = time.time()
         path = os.path.join(a.dir, key)
-        if a.mode == "upload-file":
+        if store is not None:
+            with open(path, "rb") as f:
+                body = f.read()
+            store.put(key, body, md5_hex=hashlib.md5(body).hexdigest(), headers=HEADERS)
+        elif a.mode == "upload-file":
             client.upload_file(path, a.bucket, key, Config=transfer)
         else:
             with open(path, "rb") as f:
@@ -60,6 +71,19 @@ def main() -> None:
     with ThreadPoolExecutor(a.threads) as pool:
         times = dict(pool.map(upload, files))
     print(json.dumps({"start": start, "end": time.time(), "times": times}), flush=True)
+
+
+def sidecar_store(a: argparse.Namespace) -> Any:
+    """The daemon's S3Store, built by its own make_client from its own Settings (as the daemon does)."""
+    global HEADERS  # noqa: PLW0603 - set once, before the pool starts
+    from sidecar.config import load_settings  # noqa: PLC0415 - only this mode needs the repository
+    from sidecar.store import ObjectHeaders  # noqa: PLC0415
+    from sidecar.store_s3 import S3Store, make_client  # noqa: PLC0415
+
+    HEADERS = ObjectHeaders("image/png")
+    settings = load_settings(bucket=a.bucket, endpoint_url=a.endpoint, region="us-east-1", workers=a.threads,
+                             access_key_id="bench", secret_access_key="bench")
+    return S3Store(make_client(settings), a.bucket)
 
 
 if __name__ == "__main__":
