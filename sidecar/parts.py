@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-UploadPart = Callable[[int, bytes], str]
+UploadPart = Callable[[int, bytearray], str]
 """Uploads part ``number`` (1-based) with these bytes; returns its ETag, proven to be the part's MD5."""
 
 
@@ -93,6 +93,26 @@ class PartFailed(Exception):
     """Raised inside a part job when reading was already stopped by another part's failure."""
 
 
+def read_exactly(fd: int, size: int, offset: int) -> bytearray:
+    """``size`` bytes of ``fd`` from ``offset`` (fewer only at end of file), read into one bytearray.
+
+    A bytearray, not bytes: botocore sends a bytes Body through a BytesIO (so in 16 KiB ``send`` calls,
+    after an ``Expect: 100-continue`` round trip), while a bytearray, which its validator lists as a blob
+    type, goes to the socket in one ``sendall``. Reading straight into it also saves a copy.
+    """
+    data = bytearray(size)
+    view, got = memoryview(data), 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    view.release()
+    if got < size:
+        del data[got:]
+    return data
+
+
 def send_parts(
     fd: int, size: int, part_size: int, upload: UploadPart, budget: PartBudget,
     *, on_progress: Callable[[int], None] = lambda done: None, expected_md5s: tuple[str, ...] = (),
@@ -115,7 +135,7 @@ def send_parts(
             on_progress(reported)  # from this thread: progress is kept per uploading thread
         budget.acquire()
         try:
-            data = os.pread(fd, min(part_size, size - offset), offset)
+            data = read_exactly(fd, min(part_size, size - offset), offset)
         except BaseException:
             budget.release()
             raise
@@ -155,7 +175,7 @@ class _Pass:
         self._lock = threading.Lock()
         self.done = 0
 
-    def part(self, number: int, data: bytes) -> str:
+    def part(self, number: int, data: bytearray) -> str:
         try:
             if self.failed.is_set():
                 raise PartFailed(number)

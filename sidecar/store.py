@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from sidecar.filebody import FileSlice
 
-Body = bytes | FileSlice
+Body = bytes | bytearray | FileSlice
 MD5_METADATA = "md5"  # user metadata key holding the hex MD5 of the whole content (multipart ETags are not MD5s)
 
 
@@ -87,7 +87,7 @@ class ObjectStore(Protocol):
         the parts are sent while the file is hashed (the whole-file MD5 is known only at the end)."""
         ...
 
-    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes | bytearray) -> str:
         """Upload one part (with its Content-MD5); return its ETag, proven to be the part's MD5."""
         ...
 

@@ -269,7 +269,7 @@ class S3Store:
         )
         return str(response["UploadId"])
 
-    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes | bytearray) -> str:
         md5_hex = hashlib.md5(data, usedforsecurity=False).hexdigest()
         response = self._call(
             "UploadPart", key, self._client.upload_part, Key=key, UploadId=upload_id, PartNumber=number,

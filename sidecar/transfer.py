@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeVar
 
@@ -26,7 +26,7 @@ from sidecar.journal import FileRow
 from sidecar.journal_schema import Version, version_of
 from sidecar.keys import KeyBuilder, check_key, path_text
 from sidecar.localfile import open_regular, same_version
-from sidecar.parts import PartBudget, send_parts
+from sidecar.parts import PartBudget, read_exactly, send_parts
 from sidecar.store import ObjectHeaders, ObjectStore, composite_etag
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class _Content:
 
     md5: str  # "" for a multipart upload whose hash comes with its one pass (:func:`send_parts`)
     st: os.stat_result
-    data: bytes = b""
+    data: bytearray = field(default_factory=bytearray)
     streamed: bool = False  # a single PUT sent from the descriptor, not from ``data``
     part_size: int = 0
     part_md5s: tuple[str, ...] = ()
@@ -215,7 +215,7 @@ class Transfer:
         """
         multipart = st.st_size > self._threshold
         if not multipart and st.st_size <= IN_MEMORY_MAX:
-            data = f.read()
+            data = read_exactly(f.fileno(), st.st_size, 0)
             if len(data) != st.st_size or not same_version(st, os.fstat(f.fileno())):
                 raise FileChanged(path_text(row.path))
             return _Content(hashlib.md5(data, usedforsecurity=False).hexdigest(), st, data=data)
@@ -244,7 +244,7 @@ class Transfer:
         if not content.part_size:
             size = content.st.st_size
 
-            def body() -> bytes | FileSlice:
+            def body() -> bytearray | FileSlice:
                 return FileSlice(f.fileno(), size) if content.streamed else content.data
 
             return self._retry(lambda: self._store.put(key, body(), md5_hex=content.md5, headers=headers))
@@ -264,7 +264,7 @@ class Transfer:
         """One pass over the file: parts go out in parallel while the whole file is hashed."""
         total = content.st.st_size
 
-        def upload(number: int, data: bytes) -> str:
+        def upload(number: int, data: bytearray) -> str:
             return self._retry(lambda: self._store.upload_part(key, upload_id, number, data))
 
         try:

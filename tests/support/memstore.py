@@ -70,8 +70,7 @@ class MemoryStore:
 
     def put(self, key: str, data: Body, *, md5_hex: str, headers: ObjectHeaders) -> str:
         lie = self._enter("PutObject", key)
-        if not isinstance(data, bytes):
-            data = data.read()
+        data = bytes(data) if isinstance(data, bytes | bytearray) else data.read()
         if hashlib.md5(data).hexdigest() != md5_hex:
             raise TransientStoreError("BadDigest (400)", operation="PutObject", key=key, code="BadDigest")
         with self._lock:
@@ -108,13 +107,13 @@ class MemoryStore:
             self._uploads[upload_id] = _Upload(key, md5_hex)
         return upload_id
 
-    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes | bytearray) -> str:
         self._enter("UploadPart", key)
         with self._lock:
             upload = self._uploads.get(upload_id)
             if upload is None:
                 raise PermanentStoreError("NoSuchUpload (404)", operation="UploadPart", key=key, code="NoSuchUpload")
-            upload.parts[number] = data
+            upload.parts[number] = bytes(data)
         return hashlib.md5(data).hexdigest()
 
     def complete_multipart(self, key: str, upload_id: str, etags: list[str]) -> str:
