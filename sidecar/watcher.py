@@ -9,6 +9,7 @@ limits) the watcher falls back to polling and says so.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -182,8 +183,11 @@ class Watcher:
                 self.degrade_to_polling(gap)
                 log.warning("watcher_degraded", mode="polling", reason=self.degraded_reason, hint=LIMIT_HINT)
             except (OSError, ImportError) as exc:
-                reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)
-                self.degraded_reason = f"inotify unavailable: {reason}"
+                errno_ = exc.errno if isinstance(exc, OSError) else None
+                reason = os.strerror(errno_) if errno_ else str(exc)
+                # inotify says ENOSPC for its watch limit and EMFILE for its instance limit (inotify(7))
+                limit = {errno.ENOSPC: "inotify watch limit reached", errno.EMFILE: "inotify instance limit reached"}
+                self.degraded_reason = f"{limit.get(errno_ or 0, 'inotify unavailable')}: {reason}"
                 log.warning("watcher_degraded", mode="polling", reason=self.degraded_reason)
         observer = PollingObserver(timeout=POLL_INTERVAL_S)
         observer.schedule(self._handler, str(self.root), recursive=True, event_filter=EVENT_FILTER)

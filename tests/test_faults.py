@@ -402,10 +402,12 @@ def test_inotify_queue_overflow_is_reported_and_rescanned(rig: Rig) -> None:
 @needs_userns
 @pytest.mark.parametrize("limit", ["max_watches", "max_instances"])
 def test_no_inotify_at_all_falls_back_to_polling_and_says_so(rig: Rig, limit: str) -> None:
-    """Watch or instance limit of 0 (a namespace's own limits): the daemon polls, says so, and loses nothing."""
+    """Watch or instance limit of 0 (a namespace's own limits): the daemon polls, names the limit, and loses
+    nothing."""
     daemon = rig.start(prefix=userns_prefix(**{limit: 0}))
     degraded = wait_until(lambda: daemon.events("watcher_degraded"), timeout=10, message=rig.output)
-    assert degraded[0]["mode"] == "polling" and "inotify unavailable" in degraded[0]["reason"]
+    named = {"max_watches": "inotify watch limit reached", "max_instances": "inotify instance limit reached"}[limit]
+    assert degraded[0]["mode"] == "polling" and degraded[0]["reason"].startswith(named)
     rng = random.Random(42)
     rels = [rig.write(f"polled/sub_{i % 3}/img_{i:03d}.png", payload(rng)) for i in range(12)]
     rig.wait_in_bucket(rels)
@@ -413,7 +415,7 @@ def test_no_inotify_at_all_falls_back_to_polling_and_says_so(rig: Rig, limit: st
     samples = scrape(daemon)
     assert metric(samples, "sidecar_watcher_mode", mode="polling") == 1
     assert metric(samples, "sidecar_watcher_mode", mode="inotify") == 0
-    assert status(daemon)["watcher"]["degraded_reason"].startswith("inotify unavailable")
+    assert status(daemon)["watcher"]["degraded_reason"].startswith(named)
     one_accepted_put_per_file(rig)
     tally = rig.audit(f"No inotify ({limit} = 0 in a user namespace): polling fallback", reason=degraded[0]["reason"])
     assert tally.errors_reported >= 1
