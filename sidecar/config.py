@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     multipart_threshold_mb: int = Field(default=64, ge=5, le=5 * 1024)
     part_size_mb: int = Field(default=16, ge=5, le=5 * 1024)
     part_concurrency: int = Field(default=4, ge=1, le=32)
+    direct_put: bool = True  # single PUTs over http.client (sidecar.direct_put); false: all through botocore
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=200, ge=1)

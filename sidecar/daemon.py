@@ -29,6 +29,7 @@ from sidecar.backoff import RetryPolicy
 from sidecar.comfyui import ComfyClient
 from sidecar.comfyui_ws import StatusSocket
 from sidecar.config import Settings
+from sidecar.direct_put import direct_put_for
 from sidecar.errors import ConfigError, SidecarError, StoreError
 from sidecar.filters import PathFilter
 from sidecar.folders import check_folders
@@ -91,7 +92,10 @@ class Daemon:
         self.health = StoreHealth()
         self.health.on_change.append(self._on_store_change)
         secrets = [s.get_secret_value() for s in (settings.access_key_id, settings.secret_access_key) if s]
-        self.store = S3Store(make_client(settings), settings.bucket, secrets=secrets, observer=self._on_request)
+        direct, self.put_path_reason = direct_put_for(settings, observer=self._on_request, secrets=secrets)
+        self.store = S3Store(make_client(settings), settings.bucket, secrets=secrets, observer=self._on_request,
+                             direct=direct)
+        self.put_path = "botocore" if direct is None else "direct"
         probe_store = S3Store(make_client(settings, timeout_s=PROBE_TIMEOUT_S), settings.bucket, secrets=secrets,
                               observer=self._on_request)
         self.health.verify = probe_store.check
@@ -256,7 +260,8 @@ class Daemon:
         if self.webhooks is not None:
             webhooks = self.webhooks
             self._spawn("webhooks", lambda: webhooks.run(self._stop))
-        log.info("daemon_started", watcher_mode=self.watcher.mode, workers=self.settings.workers)
+        log.info("daemon_started", watcher_mode=self.watcher.mode, workers=self.settings.workers,
+                 put_path=self.put_path, **({"put_path_reason": self.put_path_reason} if self.put_path_reason else {}))
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

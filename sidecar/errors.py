@@ -1,7 +1,7 @@
 """The single error tree of the sidecar, and the process exit codes.
 
 Every failure raised by this package derives from :class:`SidecarError`. Store errors are split into
-transient (retry later) and permanent by :func:`sidecar.store_s3.classify` alone, and each carries a
+transient (retry later) and permanent by :func:`sidecar.store_errors.classify` alone, and each carries a
 scope: ``object`` (this key only: park this file) or ``bucket`` (every request would fail the same way:
 pause all uploads until the store answers well again). :class:`sidecar.store_health.StoreHealth` reads both.
 """

@@ -53,6 +53,18 @@ class ObjectHeaders:
                 args[name] = value
         return args
 
+    def http_headers(self, md5_hex: str | None) -> list[tuple[str, str]]:
+        """The same as :meth:`s3_args`, as the HTTP headers of a PutObject."""
+        out = [("Content-Type", self.content_type)]
+        for name, value in (("Cache-Control", self.cache_control), ("Content-Disposition", self.content_disposition),
+                            ("x-amz-storage-class", self.storage_class)):
+            if value:
+                out.append((name, value))
+        out.extend((f"x-amz-meta-{name}", value) for name, value in self.metadata)
+        if md5_hex:
+            out.append((f"x-amz-meta-{MD5_METADATA}", md5_hex))
+        return out
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:

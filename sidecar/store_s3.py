@@ -1,7 +1,7 @@
 """The S3 / Cloudflare R2 implementation of :class:`~sidecar.store.ObjectStore`, on boto3.
 
 R2 quirks live in :func:`client_config` (checksums) and in :meth:`S3Store.put` (Content-MD5 and the
-If-None-Match guard); :func:`classify` alone decides which failures are transient. See
+If-None-Match guard); :func:`sidecar.store_errors.classify` alone decides which failures are transient. See
 the README's "R2 notes".
 """
 
@@ -13,48 +13,17 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import boto3
-import botocore.exceptions as bx
 from botocore.config import Config
 
-from sidecar.errors import KeyExistsError, PermanentStoreError, StoreError, TransientStoreError
+from sidecar.errors import PermanentStoreError, StoreError, TransientStoreError
 from sidecar.store import MD5_METADATA, Body, ObjectHeaders, ObjectInfo, composite_etag, is_md5
+from sidecar.store_errors import classify
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
     from sidecar.config import Settings
-
-TRANSIENT_CODES = frozenset(
-    {
-        "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
-        "TooManyRequests", "RequestTimeTooSkewed", "BadDigest", "IncompleteBody", "OperationAborted",
-        "ExpiredToken",
-    }
-)
-BODYLESS_CODES = {
-    ("HeadBucket", "404"): "NoSuchBucket",
-    ("HeadObject", "404"): "NoSuchKey",
-    ("", "403"): "AccessDenied",
-    ("", "401"): "Unauthorized",
-}
-THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests", "RequestTimeout"})
-# Errors that every request of this configuration would meet: pause all uploads, park no file.
-BUCKET_CODES = frozenset(
-    {
-        "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoCredentials", "Unauthorized",
-        "InvalidBucketName", "AllAccessDisabled", "AccountProblem", "ExpiredToken", "InvalidToken",
-        "ConnectionError", "Timeout", "InternalError", "ServiceUnavailable",
-    }
-)
-HINTS = {
-    "AccessDenied": "check SIDECAR_ACCESS_KEY_ID / SIDECAR_SECRET_ACCESS_KEY and the token's bucket permissions",
-    "InvalidAccessKeyId": "check SIDECAR_ACCESS_KEY_ID",
-    "SignatureDoesNotMatch": "check SIDECAR_SECRET_ACCESS_KEY (and SIDECAR_REGION: 'auto' for R2)",
-    "Unauthorized": "check the credentials; R2 also says this for checksum forms it does not support",
-    "NoSuchBucket": "check SIDECAR_BUCKET and that the bucket exists at this endpoint",
-    "NotImplemented": "the store rejected a request form (R2 rejects aws-chunked checksum trailers)",
-    "InvalidObjectName": "shorten the folder or file name, or SIDECAR_KEY_TEMPLATE",
-}
+    from sidecar.direct_put import DirectPut
 
 RequestObserver = Callable[[str, str], None]
 """Called once per HTTP attempt with (operation, status) where status is the HTTP code or 'error'."""
@@ -110,63 +79,6 @@ def make_client(settings: Settings, *, timeout_s: float | None = None) -> S3Clie
     )
 
 
-def _scrub(text: str, secrets: Iterable[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "**********")
-    return text
-
-
-def classify(  # noqa: PLR0911 - one flat decision table reads better than nested helpers
-    exc: Exception, *, operation: str, key: str = "", secrets: Iterable[str] = ()
-) -> StoreError:
-    """Map any boto3/botocore failure to a transient, permanent or key-exists :class:`StoreError`."""
-    if isinstance(exc, StoreError):
-        return exc
-    if isinstance(exc, bx.ClientError):
-        err: dict[str, Any] = dict(exc.response.get("Error", {}))
-        meta: dict[str, Any] = dict(exc.response.get("ResponseMetadata", {}))
-        status = int(meta.get("HTTPStatusCode") or 0)
-        code = str(err.get("Code") or status or "ClientError")
-        if code.isdigit():  # HEAD answers carry no body, so no error code: name the usual meaning
-            code = BODYLESS_CODES.get((operation, code), BODYLESS_CODES.get(("", code), code))
-        text = _scrub(str(err.get("Message") or ""), secrets)
-        message = f"{code} ({status}): {text}" if text and text != code else f"{code} ({status})"
-        if status == 412 or code == "PreconditionFailed":
-            return KeyExistsError(message, operation=operation, key=key, code="PreconditionFailed")
-        scope = _scope(code, status, operation)
-        if code in TRANSIENT_CODES or (status >= 500 and code != "NotImplemented") or status == 429:
-            return TransientStoreError(message, operation=operation, key=key, code=code, scope=scope)
-        return PermanentStoreError(message, operation=operation, key=key, code=code, hint=HINTS.get(code, ""),
-                                   scope=scope)
-    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
-        return PermanentStoreError(
-            "no credentials", operation=operation, key=key, code="NoCredentials",
-            hint="set SIDECAR_ACCESS_KEY_ID and SIDECAR_SECRET_ACCESS_KEY", scope="bucket",
-        )
-    if isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError):
-        return TransientStoreError("timed out", operation=operation, key=key, code="Timeout", scope="bucket")
-    if isinstance(exc, bx.ConnectionError | bx.HTTPClientError | ConnectionError):
-        message = f"connection failed ({type(exc).__name__})"
-        return TransientStoreError(message, operation=operation, key=key, code="ConnectionError", scope="bucket")
-    if isinstance(exc, bx.BotoCoreError):
-        return TransientStoreError(_scrub(str(exc), secrets), operation=operation, key=key, code=type(exc).__name__)
-    raise exc
-
-
-def _scope(code: str, status: int, operation: str) -> str:
-    """bucket: every request of this configuration would fail so; object: this key only.
-
-    An AccessDenied on an object request may be a token limited to some prefixes: it stays object-scoped
-    here, and :class:`sidecar.store_health.StoreHealth` asks the bucket itself before pausing everything.
-    """
-    if code in THROTTLE_CODES or status == 429:
-        return "object"  # the store answers, and asks this request to wait: the file backs off
-    if code in BUCKET_CODES or status >= 500 or (code == "AccessDenied" and operation == "HeadBucket"):
-        return "bucket"
-    return "object"
-
-
 def _md5_b64(md5_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
 
@@ -193,9 +105,11 @@ class S3Store:
     """
 
     def __init__(
-        self, client: S3Client, bucket: str, *, secrets: Iterable[str] = (), observer: RequestObserver | None = None
+        self, client: S3Client, bucket: str, *, secrets: Iterable[str] = (), observer: RequestObserver | None = None,
+        direct: DirectPut | None = None,
     ) -> None:
         self._client = client
+        self._direct = direct  # single PUTs without botocore's machinery (sidecar.direct_put), where it applies
         self._bucket = bucket
         self._secrets = tuple(s for s in secrets if s)
         self.endpoint = str(client.meta.endpoint_url)
@@ -222,6 +136,9 @@ class S3Store:
         # R2 quirk: an explicit Content-MD5 is the integrity check R2 honours (BadDigest on mismatch), and its
         # single-part ETag is that MD5, so the upload is verified without a HEAD. If-None-Match makes the
         # write refuse to replace an object (ComfyUI reuses names after local deletes).
+        if self._direct is not None and self._direct.accepts(headers):  # the same request, on http.client
+            return _proven(self._direct.put(key, data, md5_hex=md5_hex, headers=headers), md5_hex,
+                           operation="PutObject", key=key)
         response = self._call(
             "PutObject", key, self._client.put_object, Key=key, Body=data, ContentLength=len(data),
             ContentMD5=_md5_b64(md5_hex), IfNoneMatch="*", **headers.s3_args(md5_hex),

@@ -1,5 +1,6 @@
 """The ObjectStore contract, run against the in-memory store and against the real S3 server behind the
-R2-strict proxy: what the transfer relies on must hold for both, or the fast tests prove nothing."""
+R2-strict proxy (through boto3 alone, and with single PUTs on the direct path): what the transfer relies on
+must hold for each, or the fast tests prove nothing."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from support.proxy import R2Proxy
 from support.s3server import S3Server
 
 from sidecar.config import load_settings
+from sidecar.direct_put import direct_put_for
 from sidecar.errors import KeyExistsError, PermanentStoreError
 from sidecar.journal import FileRow
 from sidecar.keys import KeyBuilder
@@ -30,7 +32,7 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-@pytest.fixture(params=["memory", "s3"])
+@pytest.fixture(params=["memory", "s3", "s3-direct"])
 def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ObjectStore, Objects]]:
     """(store, a function that lists what the bucket holds) for each implementation."""
     if request.param == "memory":
@@ -43,7 +45,11 @@ def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> It
     monkeypatch.setenv("AWS_CA_BUNDLE", str(proxy.ca_bundle))
     settings = load_settings(bucket=bucket, endpoint_url=proxy.endpoint, region="us-east-1",
                              access_key_id="testing", secret_access_key="testing")
-    yield S3Store(make_client(settings), bucket), lambda: s3_server.objects(bucket)
+    direct = None
+    if request.param == "s3-direct":  # single PUTs on http.client (sidecar.direct_put), the rest on boto3
+        direct, reason = direct_put_for(settings)
+        assert direct is not None, reason
+    yield S3Store(make_client(settings), bucket, direct=direct), lambda: s3_server.objects(bucket)
 
 
 class Ledger:
@@ -98,7 +104,7 @@ def test_multipart_completes_with_the_composite_etag_and_never_overwrites(store:
 def test_completing_an_unknown_upload_is_no_such_upload(store: tuple[ObjectStore, Objects],
                                                         request: pytest.FixtureRequest) -> None:
     """S3 and R2 answer 404 NoSuchUpload (what a retried completion whose answer was lost meets)."""
-    if request.node.callspec.params["store"] == "s3":
+    if request.node.callspec.params["store"] != "memory":
         pytest.skip("moto 5.2.5 answers 500 InternalError here; S3 and R2 answer 404 NoSuchUpload")
     s, _ = store
     upload = s.create_multipart("k", md5_hex=md5(b"x"), headers=ObjectHeaders("image/png"))

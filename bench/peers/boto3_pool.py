@@ -74,16 +74,19 @@ def main() -> None:
 
 
 def sidecar_store(a: argparse.Namespace) -> Any:
-    """The daemon's S3Store, built by its own make_client from its own Settings (as the daemon does)."""
+    """The daemon's S3Store, built by its own make_client and direct_put_for from its own Settings (as the
+    daemon does: single PUTs on the direct path)."""
     global HEADERS  # noqa: PLW0603 - set once, before the pool starts
     from sidecar.config import load_settings  # noqa: PLC0415 - only this mode needs the repository
+    from sidecar.direct_put import direct_put_for  # noqa: PLC0415
     from sidecar.store import ObjectHeaders  # noqa: PLC0415
     from sidecar.store_s3 import S3Store, make_client  # noqa: PLC0415
 
     HEADERS = ObjectHeaders("image/png")
     settings = load_settings(bucket=a.bucket, endpoint_url=a.endpoint, region="us-east-1", workers=a.threads,
                              access_key_id="bench", secret_access_key="bench")
-    return S3Store(make_client(settings), a.bucket)
+    direct, _ = direct_put_for(settings)
+    return S3Store(make_client(settings), a.bucket, direct=direct)
 
 
 if __name__ == "__main__":
