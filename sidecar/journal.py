@@ -243,13 +243,13 @@ class Journal(JobLedger, RetentionLedger):
         """(files, bytes) per state, every state present."""
         found = {
             str(r[0]): (int(r[1]), int(r[2] or 0))  # type: ignore[call-overload]
-            for r in self._read("SELECT state, COUNT(*), SUM(size) FROM files GROUP BY state")
+            for r in self._view("SELECT state, COUNT(*), SUM(size) FROM files GROUP BY state")
         }
         return {state: found.get(state, (0, 0)) for state in STATES}
 
     def oldest_pending_age(self) -> float:
         """Seconds since the oldest pending or uploading file was discovered (0 if none)."""
-        row = self._read("SELECT MIN(discovered_at) FROM files WHERE state IN ('pending', 'uploading')")[0]
+        row = self._view("SELECT MIN(discovered_at) FROM files WHERE state IN ('pending', 'uploading')")[0]
         return 0.0 if row[0] is None else max(0.0, self._clock() - float(row[0]))  # type: ignore[arg-type]
 
     def rows(self, state: str, limit: int = 20, *, error_class: str | None = None) -> list[FileRow]:
@@ -257,7 +257,7 @@ class Journal(JobLedger, RetentionLedger):
         where, params = "state = :state", {"state": state, "limit": limit, "class": error_class}
         if error_class is not None:
             where += " AND error_class = :class"
-        rows = self._read(
+        rows = self._view(
             f"SELECT {ROW_COLUMNS} FROM files WHERE {where} ORDER BY updated_at DESC LIMIT :limit",  # noqa: S608
             params,
         )

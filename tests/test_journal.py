@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 import stat
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -268,3 +269,19 @@ def test_readiness_proves_the_journal_takes_writes(tmp_path: Path) -> None:
     problem = journal.problem(commit=True)
     assert problem is not None and "journal write failed" in problem
     assert journal.stats()["pending"] == (0, 0)  # reads still work: a read-only probe would have said "fine"
+
+
+def test_a_long_view_read_does_not_hold_up_writers(journal: Journal) -> None:
+    """While a /metrics or /status read of the journal is still counting (here a query that steps for seconds),
+    files are recorded, claimed and marked uploaded, and stats() then sees those commits."""
+    long_read = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 5000000) "
+                 "SELECT COUNT(*) FROM c")
+    reader = threading.Thread(target=journal._view, args=(long_read,), daemon=True)
+    reader.start()
+    journal.record([cand(b"a.png"), cand(b"b.png")])
+    rows = journal.claim(2)
+    for row in rows:
+        uploaded(journal, row, key=f"k/{row.path.decode()}")
+    assert reader.is_alive(), "the view read ended before the writes: it proves nothing"
+    assert journal.stats()["uploaded"] == (2, 20)
+    reader.join(timeout=60)
