@@ -35,7 +35,8 @@ from harness import fresh_dir  # noqa: E402
 from lbserver import LocalBucket  # noqa: E402
 
 AREAS = [  # first match wins, tested against the whole stack
-    ("boto3/botocore/urllib3 (the S3 request itself)", ("botocore/", "urllib3/", "http/client", "sidecar/s3_put.py")),
+    ("the S3 request itself (direct_put, sigv4, http.client; botocore)",
+     ("botocore/", "urllib3/", "http/client", "sidecar/direct_put.py", "sidecar/sigv4.py")),
     ("logging (structlog + stdlib bridge)", ("structlog/", "logging/", "sidecar/logs.py")),
     ("journal (SQLite)", ("sidecar/journal.py",)),
     ("settle (stability check)", ("sidecar/settle.py",)),
