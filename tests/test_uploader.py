@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from support.proxy import R2Proxy
 from support.s3server import S3Server
+from support.waiting import wait_until
 
 from sidecar.backoff import RetryPolicy, backoff
 from sidecar.config import load_settings
@@ -244,3 +245,31 @@ def test_multipart_failure_leaves_no_progress_behind(rig: dict[str, Any], r2_pro
     assert rig["registry"].get_sample_value("sidecar_upload_in_progress_bytes") == 0
     assert s3_server.direct.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert rig["journal"].orphans() == [] and rig["journal"].get(b"big.mp4").upload_id is None
+
+
+def test_the_dispatcher_asks_when_rows_are_due_only_after_a_retry_and_still_sends_it_in_time(
+    rig: dict[str, Any], r2_proxy: R2Proxy, s3_server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """31 files queued at once cost a handful of next-due look-ups (3 here; before: 17,716, as the dispatcher spun
+    while every worker was busy and rows were due); a file sent back to the journal with a backoff is sent again
+    when due although nothing else wakes the dispatcher."""
+    journal: Journal = rig["journal"]
+    uploader: Uploader = rig["uploader"]
+    asked = []
+    real = journal.next_due_in
+    monkeypatch.setattr(journal, "next_due_in", lambda: asked.append(1) or real())
+    # three answers exhaust the in-process attempts: the row goes back to the journal, due about 1 s later
+    r2_proxy.fail_next(3, status=400, code="BadDigest", when=lambda r: r.key == "p/retried.png")
+    uploader.start()
+    try:
+        queue(rig, "retried.png", b"r")
+        uploader.wake()
+        for i in range(30):
+            queue(rig, f"f{i:02d}.png", b"%d" % i)
+            uploader.wake()
+        expected = {f"p/f{i:02d}.png" for i in range(30)} | {"p/retried.png"}
+        wait_until(lambda: set(s3_server.objects(bucket)) == expected, timeout=30)
+    finally:
+        uploader.stop(5)
+    assert [r.status for r in r2_proxy.puts() if r.key == "p/retried.png"] == [400, 400, 400, 200]
+    assert len(asked) < 10, f"{len(asked)} look-ups for 31 uploads"
