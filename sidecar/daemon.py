@@ -49,7 +49,7 @@ from sidecar.scanner import Scanner
 from sidecar.settle import Settler
 from sidecar.statelock import StateLock
 from sidecar.store_health import StoreHealth, StoreProbe
-from sidecar.store_s3 import S3Store, make_client
+from sidecar.store_s3 import S3Store, make_clients
 from sidecar.transfer import Transfer
 from sidecar.uploader import Uploader
 from sidecar.urls import Urls
@@ -93,11 +93,10 @@ class Daemon:
         self.health.on_change.append(self._on_store_change)
         secrets = [s.get_secret_value() for s in (settings.access_key_id, settings.secret_access_key) if s]
         direct, self.put_path_reason = direct_put_for(settings, observer=self._on_request, secrets=secrets)
-        self.store = S3Store(make_client(settings), settings.bucket, secrets=secrets, observer=self._on_request,
-                             direct=direct)
+        client, probe_client = make_clients(settings, probe_timeout_s=PROBE_TIMEOUT_S)
+        self.store = S3Store(client, settings.bucket, secrets=secrets, observer=self._on_request, direct=direct)
         self.put_path = "botocore" if direct is None else "direct"
-        probe_store = S3Store(make_client(settings, timeout_s=PROBE_TIMEOUT_S), settings.bucket, secrets=secrets,
-                              observer=self._on_request)
+        probe_store = S3Store(probe_client, settings.bucket, secrets=secrets, observer=self._on_request)
         self.health.verify = probe_store.check
         self.probe = StoreProbe(self.health, probe_store.check, self._stop)
         self.router = Router.from_settings(settings)
