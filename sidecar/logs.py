@@ -109,7 +109,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", stream: TextIO | N
     number = _level_number(level)
     shared = _shared_processors()
 
-    handler = logging.StreamHandler(out)
+    handler: logging.StreamHandler[TextIO] = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
@@ -129,18 +129,43 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", stream: TextIO | N
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(number, logging.WARNING))
 
+    # The sidecar's own events are rendered once and written straight to the handler's stream (a line through
+    # stdlib logging cost ~120 us: a LogRecord and a second formatter pass), filtered by level before any work.
     structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, *_renderer_chain(console, colors=_is_tty(out))],
+        logger_factory=_LineLoggerFactory(handler),
+        wrapper_class=structlog.make_filtering_bound_logger(number),
         # Not cached: a logger used before configure_logging (or in an earlier test) must still follow
-        # the current configuration. The chain is short, the cost is a few microseconds per line.
+        # the current configuration.
         cache_logger_on_first_use=False,
     )
+
+
+class _LineLogger:
+    """What structlog hands our rendered events to: one line on the stdlib handler's stream, under that
+    handler's lock, so a line of ours and one of a library's never interleave."""
+
+    def __init__(self, name: str, handler: logging.StreamHandler[TextIO]) -> None:
+        self.name = name  # read by structlog.stdlib.add_logger_name
+        self._handler = handler
+
+    def msg(self, message: str) -> None:
+        self._handler.acquire()
+        try:
+            self._handler.stream.write(message + "\n")
+            self._handler.stream.flush()
+        finally:
+            self._handler.release()
+
+    debug = info = warning = warn = error = exception = critical = fatal = log = msg
+
+
+class _LineLoggerFactory:
+    def __init__(self, handler: logging.StreamHandler[TextIO]) -> None:
+        self._handler = handler
+
+    def __call__(self, *args: Any) -> _LineLogger:
+        return _LineLogger(str(args[0]) if args else "", self._handler)
 
 
 class _ErrorLogger(Protocol):
