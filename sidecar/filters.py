@@ -24,15 +24,29 @@ class PathFilter:
 
     def skip_reason(self, relpath: str) -> str | None:
         """None when ``relpath`` should be uploaded; otherwise a short bounded reason label."""
-        parts = relpath.split("/")
-        name = parts[-1]
-        if any(part.startswith(".") for part in parts):
+        folders, _, name = relpath.rpartition("/")
+        if folders and self.dir_skip_reason(folders) is not None:
+            return "hidden"
+        return self.name_skip_reason(name) or self.glob_skip_reason(relpath)
+
+    def name_skip_reason(self, name: str) -> str | None:
+        """The rules that look at the file name alone (for a walk that checked each folder on its way down)."""
+        if name.startswith("."):
             return "hidden"
         if name.lower().endswith(PARTIAL_SUFFIXES):
             return "partial"
         ext = name.rpartition(".")[2].lower() if "." in name else ""
         if ext not in self._extensions:
             return "extension"
+        return None
+
+    @property
+    def has_globs(self) -> bool:
+        """True when :meth:`glob_skip_reason` can skip anything (include or exclude globs are set)."""
+        return bool(self._include or self._exclude)
+
+    def glob_skip_reason(self, relpath: str) -> str | None:
+        """The include and exclude globs, on the whole relative path."""
         if self._include and not any(fnmatchcase(relpath, glob) for glob in self._include):
             return "not_included"
         if any(fnmatchcase(relpath, glob) for glob in self._exclude):

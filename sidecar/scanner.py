@@ -110,13 +110,19 @@ class Scanner:
                 log.warning("scan_folder_unreadable", path=os.fsdecode(folder), error=exc.strerror)
                 continue
             for entry in entries:
+                # Folders were checked on the way down: a file needs its name checked, and its whole path only
+                # for globs. The name comes first, so a file that is no candidate costs no stat.
                 rel = entry.path[prefix_len:]
                 try:
+                    if entry.is_dir(follow_symlinks=False):  # from the directory entry's type: no stat
+                        if self._filter.dir_skip_reason(path_text(rel)) is None:
+                            stack.append(entry.path)
+                        continue
+                    if self._filter.name_skip_reason(path_text(entry.name)) is not None or (
+                            self._filter.has_globs and self._filter.glob_skip_reason(path_text(rel)) is not None):
+                        continue
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                if stat.S_ISDIR(st.st_mode):
-                    if self._filter.dir_skip_reason(path_text(rel)) is None:
-                        stack.append(entry.path)
-                elif stat.S_ISREG(st.st_mode) and self._filter.skip_reason(path_text(rel)) is None:
+                if stat.S_ISREG(st.st_mode):
                     yield rel, version_of(st)

@@ -186,6 +186,28 @@ def test_scan_offers_only_new_or_changed_files(tmp_path: Path) -> None:
     assert offered == [b"sub/deeper/c.mp4"]
 
 
+def test_scan_applies_every_filter_rule_as_an_event_would(tmp_path: Path) -> None:
+    """The walk offers exactly what Intake's filter lets through: hidden folders and names, partial suffixes,
+    other extensions, include/exclude globs over the whole path, links and FIFOs all stay out."""
+    root = tmp_path / "out"
+    for folder in ("keep/deep", "skip", ".cache", "keep/.git"):
+        (root / folder).mkdir(parents=True)
+    names = ("keep/a.png", "keep/deep/b.png", "keep/.c.png", "keep/d.png.part", "keep/e.txt", "skip/f.png",
+             ".cache/g.png", "keep/.git/h.png", "top.png")
+    for rel in names:
+        (root / rel).write_bytes(rel.encode())
+    os.mkfifo(root / "keep" / "fifo.png")
+    (root / "keep" / "link.png").symlink_to(root / "top.png")
+    (root / "keep" / "dirlink").symlink_to(root / "keep" / "deep")
+    path_filter = PathFilter(["png"], include=["keep/*"], exclude=["skip/*"])
+    offered: list[bytes] = []
+    result = Scanner(root, journal=Journal(tmp_path / "j.sqlite3"), path_filter=path_filter,
+                     offer=lambda rel, source: offered.append(rel)).scan()
+    assert sorted(offered) == [b"keep/a.png", b"keep/deep/b.png"]
+    assert sorted(rel for rel in names if path_filter.skip_reason(rel) is None) == ["keep/a.png", "keep/deep/b.png"]
+    assert result.files == 2
+
+
 class Events:
     def __init__(self) -> None:
         self.paths: dict[bytes, set[str]] = {}
