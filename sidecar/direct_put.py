@@ -46,6 +46,14 @@ _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 USER_AGENT = f"comfyui-r2-sidecar/{__version__}"
 
 
+class _FileTrouble(Exception):
+    """Reading the body from the file failed (``error``) or ended early (None) while the request was sent."""
+
+    def __init__(self, error: OSError | None) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 def _dropped(sock: object) -> bool:
     """An idle keep-alive socket that is readable was closed (or spoken on) by the server: do not reuse it."""
     poller = select.poll()
@@ -100,6 +108,12 @@ class DirectPut:
         try:
             self._connect(conn)
             status, etag, payload = self._exchange(conn, path, self._signer.sign("PUT", path, sent), data)
+        except _FileTrouble as trouble:  # the file's problem, not the store's: StoreHealth hears nothing
+            conn.close()  # half a body went out on it
+            if trouble.error is not None:
+                raise trouble.error from None  # EIO, ESTALE...: the uploader's source-file handling
+            raise TransientStoreError("the file ended before its hashed length", operation="PutObject", key=key,
+                                      code="IncompleteBody") from None
         except (OSError, http.client.HTTPException) as exc:  # no answer: connection trouble, not the file's
             conn.close()
             self._observer("PutObject", "error")
@@ -161,9 +175,12 @@ class DirectPut:
     def _send_slice(conn: http.client.HTTPConnection, body: FileSlice) -> None:
         left = len(body)
         while left > 0:
-            chunk = body.read(min(SEND_CHUNK, left))
+            try:
+                chunk = body.read(min(SEND_CHUNK, left))
+            except OSError as exc:
+                raise _FileTrouble(exc) from None
             if not chunk:  # the file shrank under us: the store would wait for the promised length
-                raise ConnectionAbortedError("the file ended before its hashed length")
+                raise _FileTrouble(None)
             conn.send(chunk)
             left -= len(chunk)
 

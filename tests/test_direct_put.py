@@ -209,3 +209,23 @@ def test_botocore_sends_where_the_direct_path_would_not_be_the_same_request(
     put, reason = direct_put_for(settings_for(url))
     assert put is None and "proxy" in reason
     assert not DirectPut.accepts(ObjectHeaders("image/png", metadata=(("prompt-id", "é"),)))
+
+
+def test_a_file_that_shrinks_while_it_is_sent_is_the_files_problem_not_the_stores(
+    direct: tuple[DirectPut, list[str]], s3_server: S3Server, bucket: str, tmp_path: Path,
+) -> None:
+    """Truncated between hashing and sending: a transient IncompleteBody of object scope, nothing stored,
+    nothing reported to StoreHealth, and the next PUT goes out on a fresh connection."""
+    put, seen = direct
+    big = tmp_path / "video.mp4"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))
+    with big.open("rb") as f:
+        body = FileSlice(f.fileno(), big.stat().st_size)
+        os.truncate(big, 1024 * 1024 + 5)
+        with pytest.raises(TransientStoreError) as short:
+            put.put("k/video.mp4", body, md5_hex="0" * 32, headers=HEADERS)
+    assert (short.value.code, short.value.scope) == ("IncompleteBody", "object")
+    assert seen == []
+    data = bytearray(b"next")
+    assert put.put("k/next.png", data, md5_hex=md5(data), headers=HEADERS) == md5(data)
+    assert s3_server.objects(bucket) == {"k/next.png": b"next"}
