@@ -41,29 +41,26 @@ class ObjectHeaders:
     storage_class: str = ""
     metadata: tuple[tuple[str, str], ...] = ()
 
+    def _optional(self) -> list[tuple[str, str, str]]:
+        """(boto3 parameter, HTTP header, value) of each optional header that is set: one table for both forms."""
+        table = (("CacheControl", "Cache-Control", self.cache_control),
+                 ("ContentDisposition", "Content-Disposition", self.content_disposition),
+                 ("StorageClass", "x-amz-storage-class", self.storage_class))
+        return [row for row in table if row[2]]
+
+    def _metadata(self, md5_hex: str | None) -> dict[str, str]:
+        return {**dict(self.metadata), MD5_METADATA: md5_hex} if md5_hex else dict(self.metadata)
+
     def s3_args(self, md5_hex: str | None) -> dict[str, Any]:
         """boto3 parameters of PutObject / CreateMultipartUpload for these headers (``md5`` if known)."""
-        metadata = dict(self.metadata)
-        if md5_hex:
-            metadata[MD5_METADATA] = md5_hex
-        args: dict[str, Any] = {"ContentType": self.content_type, "Metadata": metadata}
-        for name, value in (("CacheControl", self.cache_control), ("ContentDisposition", self.content_disposition),
-                            ("StorageClass", self.storage_class)):
-            if value:
-                args[name] = value
+        args: dict[str, Any] = {"ContentType": self.content_type, "Metadata": self._metadata(md5_hex)}
+        args.update((param, value) for param, _, value in self._optional())
         return args
 
     def http_headers(self, md5_hex: str | None) -> list[tuple[str, str]]:
         """The same as :meth:`s3_args`, as the HTTP headers of a PutObject."""
-        out = [("Content-Type", self.content_type)]
-        for name, value in (("Cache-Control", self.cache_control), ("Content-Disposition", self.content_disposition),
-                            ("x-amz-storage-class", self.storage_class)):
-            if value:
-                out.append((name, value))
-        out.extend((f"x-amz-meta-{name}", value) for name, value in self.metadata)
-        if md5_hex:
-            out.append((f"x-amz-meta-{MD5_METADATA}", md5_hex))
-        return out
+        return [("Content-Type", self.content_type), *((header, value) for _, header, value in self._optional()),
+                *((f"x-amz-meta-{name}", value) for name, value in self._metadata(md5_hex).items())]
 
 
 @dataclass(frozen=True, slots=True)
