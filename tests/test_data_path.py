@@ -203,7 +203,8 @@ def test_filesystem_mounted_over_a_subfolder_later_is_watched(world: World) -> N
         data = os.urandom(3000)
         world.path(world.remember("mnt/ComfyUI_00001_.png", data)).write_bytes(data)
         world.wait_in_bucket(["mnt/ComfyUI_00001_.png"], proc, timeout=20)
-        (event,) = proc.events("mounts_changed")
+        # the upload may come first (the new folder's own scan can find the file): wait for the notice itself
+        (event,) = wait_until(lambda: proc.events("mounts_changed"), timeout=20, message="mount not noticed")
         assert event["added"] == ["mnt"] and event["level"] == "warning"
         assert world.objects() == world.expected()
     finally:
