@@ -74,6 +74,8 @@ class Ctx:
             BENCH_ENDPOINT=self.server.endpoint,
         )
         env.pop("AWS_CA_BUNDLE", None)  # breaks rclone (FIELD-NOTES §5); plain http needs no CA bundle
+        if self.server.ca_bundle:  # run.py --tls: botocore, the aws CLI and the daemon trust the bench's CA
+            env["AWS_CA_BUNDLE"] = self.server.ca_bundle
         return env
 
     def write_tool_configs(self) -> None:
@@ -115,6 +117,8 @@ def shell_loop(command: str) -> str:
 def watch_command(ctx: Ctx, peer: str, watch: Path, bucket: str) -> str:
     w, ep = shlex.quote(str(watch)), ctx.server.endpoint
     rclone = f"{ctx.rclone} copy {w} bench:{bucket} --transfers 8 -q"
+    if ctx.server.ca_bundle:  # rclone is given the CA itself (it must not see AWS_CA_BUNDLE)
+        rclone = f"env -u AWS_CA_BUNDLE {rclone} --ca-cert {shlex.quote(ctx.server.ca_bundle)}"
     aws = f"{ctx.aws} --endpoint-url {ep} s3"
     commands = {
         "rclone": shell_loop(f"{rclone} --no-update-modtime"),

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import proctree
+from tlsfront import TlsFront
 
 TEMP_PREFIX = ".localbucket-"
 LINE_RE = re.compile(r'"([A-Z]+) /([^/?\s]*)(/[^?\s]*)?(\?\S*)? HTTP/[\d.]+" (\d{3})')
@@ -59,6 +60,14 @@ class LocalBucket:
         self._partial = b""
         self._counts: dict[str, Counter[str]] = {}
         self._lock = threading.Lock()
+        self.front: TlsFront | None = None  # run.py --tls: tools talk https to it, it forwards to the server
+        self.ca_bundle = ""
+
+    def put_tls_in_front(self) -> None:
+        """Serve https on another port (stunnel) and make that the endpoint every tool is given."""
+        self.front = TlsFront(self.work, free_port(), self.port)
+        self.front.start()
+        self.endpoint, self.ca_bundle = self.front.endpoint, self.front.ca_bundle
 
     # lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -92,6 +101,8 @@ class LocalBucket:
             return False
 
     def stop(self) -> None:
+        if self.front is not None:
+            self.front.stop()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -107,7 +118,7 @@ class LocalBucket:
     def cpu_s(self) -> float:
         assert self.proc is not None
         st = proctree.read_stat(self.proc.pid)
-        return st.cpu_s if st else 0.0
+        return (st.cpu_s if st else 0.0) + (self.front.cpu_s() if self.front is not None else 0.0)
 
     # buckets and objects -------------------------------------------------------------------------
     def new_bucket(self, name: str) -> str:

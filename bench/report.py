@@ -122,7 +122,23 @@ def steady_table(aggs: dict[str, Agg]) -> str:
     return table(["tool", "p50 ms", "p95 ms", "p99 ms", "max ms", "p99 - raw PUT p99, ms",
                   "p99 of (latency - raw PUT of the same file), ms", "requests / file", "CPU s / 1000 files",
                   "CPU % of a core", "peak RSS MB", "bytes checked / differing / extra keys",
-                  "background load (cores)", "requests made, notes"], rows)
+                  "background load (cores)", "requests made, notes"], rows) + stage_table(aggs)
+
+
+def stage_table(aggs: dict[str, Agg]) -> str:
+    """The daemon's close → committed latency by stage (bench/stages.py), when the run measured it."""
+    a = aggs.get("sidecar")
+    if a is None or not a.has("stage_detect_p50_ms"):
+        return ""
+    what = {"detect": "close → recorded (event, writer check, journal insert)",
+            "queue": "recorded → upload started (claim, hand-off to a worker)",
+            "send": "started → committed (read + MD5, request, server write)",
+            "confirm": "object's last byte written → journal marked (server's hashing, rename and response; "
+                       "ETag proof; journal write)",
+            "stored": "**close → journal marked: known stored** (the span a raw PUT's duration compares with)"}
+    rows = [[what[s], a.cell(f"stage_{s}_p50_ms", 1), a.cell(f"stage_{s}_p99_ms", 1)] for s in what]
+    return "\n\nWhere the daemon's latency goes (its journal and log, read after the run):\n\n" + table(
+        ["stage", "p50 ms", "p99 ms"], rows)
 
 
 def large_table(aggs: dict[str, Agg]) -> str:

@@ -41,6 +41,7 @@ import wl_writers  # noqa: E402
 from harness import Sample  # noqa: E402
 from lbserver import LocalBucket  # noqa: E402
 
+TLS_WORKLOADS = ("burst", "steady", "writers", "large", "memory")
 WORKLOADS = {m.NAME: m for m in (wl_burst, wl_steady, wl_writers, wl_large, wl_memory, wl_cold, wl_million, wl_idle)}
 TITLES = {
     "burst": "1 · Burst: 1,000 x 200 KB written as fast as possible",
@@ -58,21 +59,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller workloads, 1 run (about 5 minutes)")
     p.add_argument("--runs", type=int, help="runs per workload (default 3, --quick 1)")
-    p.add_argument("--only", default=",".join(WORKLOADS), help="workloads, comma-separated")
+    p.add_argument("--only", default="", help="workloads, comma-separated (default: all; with --tls, those it runs)")
     p.add_argument("--peers", default="", help="tools, comma-separated (default: each workload's own list)")
     p.add_argument("--no-sidecar", action="store_true", help="leave the daemon out")
     p.add_argument("--sidecar-env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for the daemon, e.g. SIDECAR_SETTLE_S=0.1 (repeatable)")
+    p.add_argument("--tls", action="store_true",
+                   help=f"https variant: TLS (stunnel) in front of the server; workloads {', '.join(TLS_WORKLOADS)}")
     p.add_argument("--output", type=Path, default=BENCH / "results" / "latest.md")
     p.add_argument("--work-dir", type=Path, help="scratch folder (default: a new one under /var/tmp)")
     p.add_argument("--keep-work", action="store_true", help="keep the scratch folder (tool logs) afterwards")
     p.add_argument("--from-json", type=Path, help="re-render the tables of an earlier latest.json, run nothing")
     args = p.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)
-    args.only = [w for w in args.only.split(",") if w]
+    args.only = [w for w in args.only.split(",") if w] or list(TLS_WORKLOADS if args.tls else WORKLOADS)
     unknown = set(args.only) - set(WORKLOADS)
     if unknown:
         p.error(f"unknown workload(s) {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
+    if args.tls and set(args.only) - set(TLS_WORKLOADS):
+        p.error(f"--tls runs {', '.join(TLS_WORKLOADS)} (the others measure no request path); "
+                f"not {sorted(set(args.only) - set(TLS_WORKLOADS))}")
     args.peers = [x for x in args.peers.split(",") if x]
     if set(args.peers) - set(contenders.PEERS):
         p.error(f"unknown tool(s) {sorted(set(args.peers) - set(contenders.PEERS))}; "
@@ -85,7 +91,8 @@ def ensure_tools() -> dict[str, str]:
     def find() -> dict[str, str]:
         bindir = str(Path(sys.executable).parent)  # the real aws script, not a pyenv shim (it costs CPU)
         found = {"aws": shutil.which("aws", path=bindir + os.pathsep + os.environ.get("PATH", "")) or "",
-                 "rclone": shutil.which("rclone") or "", "inotifywait": shutil.which("inotifywait") or ""}
+                 "rclone": shutil.which("rclone") or "", "inotifywait": shutil.which("inotifywait") or "",
+                 "stunnel": shutil.which("stunnel4") or shutil.which("stunnel") or ""}
         for module in ("localbucket", "boto3", "awscli"):
             found[module] = "ok" if _importable(module) else ""
         return found
@@ -158,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     server.start()
     try:
+        if args.tls:
+            server.put_tls_in_front()
         ctx = contenders.Ctx(repo=REPO, bench=BENCH, work=work, server=server, quick=args.quick,
                              aws=tools["aws"], rclone=tools["rclone"], inotifywait=tools["inotifywait"],
                              sidecar_env=dict(kv.split("=", 1) for kv in args.sidecar_env))
         ctx.write_tool_configs()
-        info["server"] = f"localbucket on 127.0.0.1, data on {server.storage}"
+        info["server"] = f"localbucket on 127.0.0.1, data on {server.storage}" + (
+            "; **https**: every tool talks TLS to stunnel in front of it (bench/tlsfront.py)" if args.tls else "")
         for name in args.only:
             peers = peers_for(name, args, with_sidecar)
             print(f"bench: {name} x {args.runs} run(s): {', '.join(peers)}", file=sys.stderr, flush=True)
@@ -192,6 +202,8 @@ def render(args: argparse.Namespace, info: dict[str, str], started: datetime,
            results: dict[str, list[Sample]], argv: list[str]) -> str:
     aggs = {name: report.aggregate(samples) for name, samples in results.items()}
     mode = "quick" if args.quick else "full"
+    if "--tls" in argv:
+        mode += " · **https** (TLS in front of the server)"
     out = [f"# Benchmark results — {started.strftime('%Y-%m-%d %H:%M UTC')}", "",
            f"`{' '.join(['python bench/run.py', *argv])}` · {mode} mode · {args.runs} run(s) per tool, "
            "cells are median (min-max) · generated by bench/run.py; see bench/README.md for the method.", "",

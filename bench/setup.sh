@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the benchmark needs. Idempotent: each step runs only when its tool is missing.
-#   Debian: inotify-tools (inotifywait), rclone
+#   Debian: inotify-tools (inotifywait), rclone, stunnel4 (the https variant)
 #   PyPI:   localbucket (the S3 server), awscli, boto3, and the daemon's own dependencies
 # Usage: bash bench/setup.sh [--profilers]   (--profilers also installs py-spy and pyinstrument)
 set -euo pipefail
@@ -14,6 +14,7 @@ want_profilers=0
 need_apt=()
 command -v inotifywait >/dev/null 2>&1 || need_apt+=(inotify-tools)
 command -v rclone >/dev/null 2>&1 || need_apt+=(rclone)
+command -v stunnel4 >/dev/null 2>&1 || need_apt+=(stunnel4)  # run.py --tls: TLS in front of the server
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "setup: need root to apt-get install ${need_apt[*]}" >&2

@@ -13,6 +13,7 @@ import random
 import time
 from pathlib import Path
 
+import stages
 from contenders import Ctx
 from harness import Observed, Sample, fresh_dir, integrity, measure_ceiling, measure_watcher, request_summary
 
@@ -72,7 +73,7 @@ def latency_metrics(latencies_s: list[float], prefix: str = "") -> dict[str, flo
             f"{prefix}max_ms": max(ms) if ms else float("nan")}
 
 
-def summarise(peer: str, run: int, obs: Observed, raw: dict[str, float] | None) -> Sample:
+def summarise(peer: str, run: int, obs: Observed, raw: dict[str, float] | None, state: Path | None = None) -> Sample:
     keys = [k for k in obs.expected if k in obs.committed and k in obs.closed]
     latencies = [obs.committed[k] - obs.closed[k] for k in keys]
     per_file, detail = request_summary(obs.requests, len(obs.expected))
@@ -89,9 +90,13 @@ def summarise(peer: str, run: int, obs: Observed, raw: dict[str, float] | None) 
     if raw:
         excess = [obs.committed[k] - obs.closed[k] - raw[k] for k in keys if k in raw]
         sample.metrics["excess_p99_ms"] = pct([x * 1000 for x in excess], 99)
+    stage_note = ""
+    if peer == "sidecar" and state is not None:
+        stage_metrics, stage_note = stages.breakdown(state, obs.closed, obs.committed, pct)
+        sample.metrics.update(stage_metrics)
     if not obs.finished:
         sample.note = f"DNF ({obs.stop_reason}): {len(keys)}/{len(obs.expected)} files arrived"
-    sample.note = "; ".join(x for x in (sample.note, detail) if x)
+    sample.note = "; ".join(x for x in (sample.note, detail, stage_note) if x)
     return sample
 
 
@@ -122,12 +127,13 @@ def run(ctx: Ctx, peers: list[str], runs: int, log: callable) -> list[Sample]:  
         for peer in peers:
             bucket = ctx.server.new_bucket(f"steady-{peer}-{r}")
             watch = fresh_dir(ctx.work / "watch")
+            state = fresh_dir(ctx.work / "state" / bucket)
             obs = measure_watcher(
-                ctx, peer, bucket, watch, fresh_dir(ctx.work / "state" / bucket),
+                ctx, peer, bucket, watch, state,
                 writer=lambda exp, clo, w=watch, f=files, p=pool: stream(w, f, p, exp, clo),
                 cap_s=seconds + drain, poll_s=0.25,
             )
-            sample = summarise(peer, r, obs, raw)
+            sample = summarise(peer, r, obs, raw, state)
             log(NAME, sample)
             samples.append(sample)
             ctx.server.drop_bucket(bucket)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -124,10 +125,13 @@ def write_shape(shape: str, folder: Path, pool: bytes, expected: dict[str, int],
 
 def floor_cpu_per_file(ctx: Ctx, folder: Path, names: list[str]) -> float:
     """CPU seconds per file of the physical minimum: one MD5 pass and one send of the bytes (a bare HTTP
-    PUT, no signing: localbucket checks no credentials) to the same server, on this thread."""
+    PUT, over TLS with run.py --tls; no signing: localbucket checks no credentials) to the same server, on
+    this thread."""
     url = urllib.parse.urlsplit(ctx.server.endpoint)
     bucket = ctx.server.new_bucket("writers-floor")
-    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port)
+    conn = (http.client.HTTPSConnection(url.hostname or "127.0.0.1", url.port,
+                                        context=ssl.create_default_context(cafile=ctx.server.ca_bundle))
+            if url.scheme == "https" else http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port))
     cpu = 0.0
     try:
         for name in names:
