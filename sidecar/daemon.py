@@ -157,7 +157,7 @@ class Daemon:
                                 journal=self.journal, metrics=metrics, urls=urls)
             if "file" in settings.webhook_events:
                 hooks = webhooks
-                self.uploader.on_stored = lambda row, result: hooks.file_stored(
+                self.uploader.outcomes.on_stored = lambda row, result: hooks.file_stored(
                     path=path_text(row.path), key=result.key, size=result.size, md5=result.md5,
                     prompt_id=row.prompt_id)
         jobs = Jobs(client=ComfyClient(settings.comfyui_url), journal=self.journal, store=self.store, root=self.root,
@@ -167,7 +167,7 @@ class Daemon:
                     poll_s=settings.comfyui_poll_s)
         self.registry.register(JobCollector(self.journal.job_counts, self.journal.webhook_backlog,
                                             lambda: jobs.watch.comfy_up))
-        self.uploader.on_held = metrics.held_for_prompt.inc
+        self.uploader.outcomes.on_held = metrics.held_for_prompt.inc
         if settings.comfyui_websocket:
             self.status_socket = StatusSocket(settings.comfyui_url, on_status=jobs.watch.on_status,
                                               on_connected=jobs.watch.on_websocket)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -107,17 +108,8 @@ class Journal(JobLedger, RetentionLedger):
 
     def claim(self, limit: int) -> list[FileRow]:
         """Move up to ``limit`` due pending rows to uploading and return them, oldest due first."""
-        now = self._clock()
         with self._tx() as db:
-            rows = db.execute(
-                f"SELECT {ROW_COLUMNS} FROM files WHERE state = 'pending' AND next_attempt_at <= ? "  # noqa: S608
-                "ORDER BY next_attempt_at, id LIMIT ?",
-                (now, limit),
-            ).fetchall()
-            db.executemany(
-                "UPDATE files SET state = 'uploading', updated_at = ? WHERE id = ?", [(now, r[0]) for r in rows]
-            )
-        return [row_of(r, state=UPLOADING) for r in rows]
+            return _claim_due(db, limit, self._clock())
 
     def next_due_in(self) -> float | None:
         """Seconds until the next pending row is due (0 if one is due now), None if nothing is pending."""
@@ -126,11 +118,14 @@ class Journal(JobLedger, RetentionLedger):
             return None
         return max(0.0, float(row[0]) - self._clock())  # type: ignore[arg-type]
 
-    def mark_uploaded(self, row: FileRow, *, uploaded: Version, md5: str, key: str, etag: str) -> None:
+    def mark_uploaded(self, row: FileRow, *, uploaded: Version, md5: str, key: str, etag: str,
+                      then_claim: int = 0) -> list[FileRow]:
         """The content of version ``uploaded`` (read from the claimed ``row``) is in the bucket under ``key``.
 
         If a newer version was recorded while it was uploading, the row goes back to pending for it; the
-        facts of this upload (md5, key, etag) are kept either way.
+        facts of this upload (md5, key, etag) are kept either way. ``then_claim``: in the same transaction,
+        claim up to that many due rows (as :meth:`claim`) and return them: a worker takes its next file
+        without a second commit or a hand-off.
         """
         size, mtime, ino, ctime = uploaded
         with self._tx() as db:
@@ -148,6 +143,7 @@ class Journal(JobLedger, RetentionLedger):
                 {"size": size, "mtime": mtime, "ino": ino, "ctime": ctime, "md5": md5, "key": key, "etag": etag,
                  "now": self._clock(), "id": row.id, **_claimed(row.version)},
             )
+            return _claim_due(db, then_claim, self._clock()) if then_claim else []
 
     def mark_retry(self, row: FileRow, *, error: str, error_class: str, delay_s: float, count: bool = True) -> None:
         """Back to pending, due again in ``delay_s`` (now, for a newer version); ``count`` adds an attempt."""
@@ -267,6 +263,17 @@ class Journal(JobLedger, RetentionLedger):
         """The row of one path, if any."""
         rows = self._read(f"SELECT {ROW_COLUMNS} FROM files WHERE path = ?", (path,))  # noqa: S608
         return row_of(rows[0]) if rows else None
+
+
+def _claim_due(db: sqlite3.Connection, limit: int, now: float) -> list[FileRow]:
+    """Inside a write transaction: move up to ``limit`` due pending rows to uploading, oldest due first."""
+    rows = db.execute(
+        f"SELECT {ROW_COLUMNS} FROM files WHERE state = 'pending' AND next_attempt_at <= ? "  # noqa: S608
+        "ORDER BY next_attempt_at, id LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    db.executemany("UPDATE files SET state = 'uploading', updated_at = ? WHERE id = ?", [(now, r[0]) for r in rows])
+    return [row_of(r, state=UPLOADING) for r in rows]
 
 
 def open_journal(path: Path, *, clock: Callable[[], float] = time.time) -> tuple[Journal, Path | None]:

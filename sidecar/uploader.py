@@ -1,15 +1,7 @@
 """The uploader: a pool of workers draining the journal into the object store. Never imports watchdog.
 
-Every attempt ends in exactly one journal outcome, whatever it raised:
-
-- uploaded / existing / unchanged: the bytes are in the bucket (proven by the store's ETag);
-- pause: the store is down or unusable (:mod:`sidecar.store_health`); back to pending, not counted, and
-  nothing is claimed until the store answers well again;
-- retry: a transient error of this file (throttling, a bad digest, EIO, a file still changing, a bug);
-  back to pending, due after exponential backoff with jitter, counted; after ``max_attempts``, parked;
-- failed: a permanent error of this file (an object-scope 403, a key that cannot exist), parked with its
-  error class and message for ``sidecar retry-failed``;
-- skipped: the file is gone or not a regular file; a later change re-queues it.
+Every attempt ends in exactly one journal outcome (:mod:`sidecar.outcomes`). A worker that finished a file
+takes its next one in the journal write that records the last (:meth:`Uploader._run_one`).
 """
 
 from __future__ import annotations
@@ -21,16 +13,17 @@ from collections.abc import Callable
 
 import structlog
 
-from sidecar.backoff import RetryPolicy, backoff
+from sidecar.backoff import RetryPolicy
 from sidecar.errors import JournalError, SourceFileError, StoreError
 from sidecar.fast_retry import FastRetry
 from sidecar.journal import FileRow, Journal
 from sidecar.keys import path_text
 from sidecar.localfile import source_error
 from sidecar.metrics import Metrics
+from sidecar.outcomes import Outcomes
 from sidecar.progress import Progress
-from sidecar.store_health import PARK, PAUSE, StoreHealth
-from sidecar.transfer import AwaitingPrompt, FileChanged, Result, Retry, Transfer
+from sidecar.store_health import StoreHealth
+from sidecar.transfer import AwaitingPrompt, FileChanged, Retry, Transfer
 
 log = structlog.get_logger("sidecar.uploader")
 
@@ -55,11 +48,10 @@ class Uploader:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._journal = journal
-        self._policy = policy
-        self._metrics = metrics
         self.health = health
         self._settle_s = settle_s
         self._clock = clock
+        self.outcomes = Outcomes(journal, policy=policy, metrics=metrics, health=health, clock=clock)
         self._workers = workers
         self._stopping = threading.Event()
         self._wake = threading.Event()
@@ -71,15 +63,16 @@ class Uploader:
         self._due: tuple[int, float | None] | None = None  # (_later when asked, next due time by the clock)
         self._idle = threading.Condition(self._lock)
         self._threads: list[threading.Thread] = []
-        self.last_key = ""
         self._progress = Progress(metrics)
         self.retry = FastRetry(health, metrics, self._stopping)
         self._transfer = transfer_factory(self.retry, self._progress.update)
-        # Set by the composition root: an attempt ended (jobs may be stored now), a file was held for its prompt.
+        # Set by the composition root: an attempt ended (jobs may be stored now). See also outcomes.on_*.
         self.on_outcome: Callable[[], None] = lambda: None
-        self.on_held: Callable[[], None] = lambda: None
-        self.on_stored: Callable[[FileRow, Result], None] = lambda row, result: None  # an object was written
         health.on_change.append(lambda state: self.wake())
+
+    @property
+    def last_key(self) -> str:
+        return self.outcomes.last_key
 
     # -- dispatch -----------------------------------------------------------------------------------
 
@@ -120,131 +113,94 @@ class Uploader:
             with self._lock:
                 self._stranded.pop(row.id, None)
 
-    def process(self, row: FileRow) -> str:  # noqa: PLR0911 - one outcome per kind of failure
+    def process(self, row: FileRow) -> str:
         """Upload one claimed row and record the outcome in the journal; returns the outcome label."""
+        return self._attempt(row, pull=False)[0]
+
+    def _attempt(self, row: FileRow, *, pull: bool) -> tuple[str, list[FileRow] | None]:  # noqa: PLR0911
+        """:meth:`process`; with ``pull``, a success also claims the worker's next row in its journal write
+        (the rows claimed; None when no claim was made: another outcome, or claiming is off)."""
         started = time.monotonic()
         try:
             result = self._transfer.run(row)
         except AwaitingPrompt as exc:  # not an attempt: due again when the prompt is named, or the wait ends
             self._journal.mark_retry(row, error=str(exc), error_class="awaiting_prompt", delay_s=exc.left_s,
                                      count=False)
-            self.on_held()
-            return "held"
+            self.outcomes.on_held()
+            return "held", None
         except FileChanged:
-            return self._retry_later(row, "the file changed while it was read", "FileChanged", base=self._settle_s)
+            changed = "the file changed while it was read"
+            return self.outcomes.retry_later(row, changed, "FileChanged", base=self._settle_s), None
         except SourceFileError as exc:
-            return self._source_problem(row, exc)
+            return self.outcomes.source_problem(row, exc), None
         except StoreError as exc:
-            return self._store_problem(row, exc)
+            return self.outcomes.store_problem(row, exc), None
         except OSError as exc:  # a read(2) that failed half-way: EIO, ESTALE, ...
-            return self._source_problem(row, source_error(exc, path_text(row.path)))
+            return self.outcomes.source_problem(row, source_error(exc, path_text(row.path))), None
         except JournalError:
             raise
         except Exception as exc:  # a bug or a dependency's surprise: never strand the row
             log.exception("upload_crashed", path=path_text(row.path))
-            return self._retry_later(row, f"{type(exc).__name__}: {exc}", type(exc).__name__)
+            return self.outcomes.retry_later(row, f"{type(exc).__name__}: {exc}", type(exc).__name__), None
         finally:
             self._progress.end()
-        self._succeeded(row, result, time.monotonic() - started)
-        return self._count(result.outcome)
-
-    def _count(self, outcome: str) -> str:
-        self._metrics.uploads.labels(outcome=outcome).inc()
-        return outcome
-
-    def _succeeded(self, row: FileRow, result: Result, duration: float) -> None:
-        self._journal.mark_uploaded(row, uploaded=result.version, md5=result.md5, key=result.key, etag=result.etag)
-        if result.outcome == "unchanged":
-            log.info("upload_unchanged", path=path_text(row.path), key=result.key)
-            return
-        now = self._clock()
-        self.last_key = result.key
-        self._metrics.last_success.set(now)
-        self._metrics.e2e_latency.observe(max(0.0, now - result.mtime_ns / 1e9))
-        if result.outcome == "uploaded":
-            self._metrics.bytes_uploaded.inc(result.size)
-            self._metrics.upload_duration.observe(duration)
-        if result.variant_of:
-            log.warning("key_taken_stored_as_variant", path=path_text(row.path), key=result.key,
-                        taken_key=result.variant_of)
-        log.info("upload_succeeded", path=path_text(row.path), key=result.key, bytes=result.size,
-                 attempt=row.attempts + 1, duration_s=round(duration, 4), outcome=result.outcome,
-                 source=row.source)
-        self.on_stored(row, result)
-
-    def _source_problem(self, row: FileRow, exc: SourceFileError) -> str:
-        rel = path_text(row.path)
-        if exc.reason == "unreadable":
-            error_class = f"unreadable/{exc.detail}" if exc.detail else "unreadable"
-            if exc.transient:
-                return self._retry_later(row, str(exc), error_class)
-            self._journal.mark_failed(row, error=str(exc), error_class="unreadable")
-            log.error("upload_failed", path=rel, attempt=row.attempts + 1, error=str(exc), error_class="unreadable")
-            return self._count("failed")
-        self._journal.mark_skipped(row, reason=exc.reason)
-        self._metrics.files_skipped.labels(reason=exc.reason).inc()
-        (log.warning if exc.reason == "vanished" else log.info)("upload_skipped", path=rel, reason=exc.reason)
-        return self._count("skipped")
-
-    def _store_problem(self, row: FileRow, exc: StoreError) -> str:
-        verdict = self.health.judge(exc)
-        if verdict == PAUSE:  # the store's fault, not the file's: no attempt counted, due once it is healthy
-            self._journal.mark_retry(row, error=str(exc), error_class=exc.error_class, delay_s=0, count=False)
-            self._metrics.retries.labels(error_class=exc.error_class).inc()
-            log.info("upload_retry_scheduled", path=path_text(row.path), key=exc.key, attempt=row.attempts,
-                     error=str(exc), error_class=exc.error_class, delay_s=0, layer="pause")
-            return self._count("paused")
-        if verdict == PARK:
-            return self._park(row, exc)
-        return self._retry_later(row, str(exc), exc.error_class, key=exc.key, hint=exc.hint)
-
-    def _retry_later(self, row: FileRow, error: str, error_class: str, *, base: float | None = None,
-                     key: str = "", hint: str = "") -> str:
-        """A counted retry with backoff; parked once the attempts run out."""
-        attempt = row.attempts + 1
-        if attempt >= self._policy.max_attempts:
-            self._journal.mark_failed(row, error=error, error_class=error_class)
-            log.error("upload_failed", path=path_text(row.path), key=key, attempt=attempt, error=error,
-                      error_class=error_class, hint=hint, reason="attempts_exhausted")
-            return self._count("failed")
-        delay = backoff(attempt, base=base or self._policy.base_s, cap=self._policy.cap_s)
-        self._journal.mark_retry(row, error=error, error_class=error_class, delay_s=delay)
-        self._metrics.retries.labels(error_class=error_class.split("/", maxsplit=1)[0]).inc()
-        log.warning("upload_retry_scheduled", path=path_text(row.path), key=key, attempt=attempt, error=error,
-                    error_class=error_class, delay_s=round(delay, 3), layer="journal")
-        return self._count("retry")
-
-    def _park(self, row: FileRow, exc: StoreError) -> str:
-        self._journal.mark_failed(row, error=str(exc), error_class=exc.error_class)
-        log.error("upload_failed", path=path_text(row.path), key=exc.key, attempt=row.attempts + 1, error=str(exc),
-                  error_class=exc.error_class, hint=exc.hint)
-        return self._count("failed")
+        claim = pull and self._may_pull()
+        pulled = self.outcomes.succeeded(row, result, time.monotonic() - started, then_claim=int(claim))
+        return self.outcomes.count(result.outcome), pulled if claim else None
 
     # -- threads ---------------------------------------------------------------------------------------
 
     def _worker(self) -> None:
-        while True:
-            row = self._queue.get()
+        """Take a row from the dispatcher, then keep pulling due rows from the journal while there are any.
+
+        A success claims the next row in the journal write that records it, so in a backlog a worker goes
+        from file to file with one commit each and no hand-off; the dispatcher only wakes idle workers.
+        """
+        row = self._queue.get()
+        while row is not None:
+            row = self._run_one(row)
             if row is None:
-                return
-            try:
-                if self.process(row) in LATER:
-                    with self._lock:
-                        self._later += 1  # due later: the next due time the dispatcher remembers may be too late
-            except JournalError:
-                with self._lock:
-                    self._stranded[row.id] = row
-                log.exception("journal_write_failed", path=path_text(row.path))
-            except Exception:  # the outcome could not be written for another reason: hand it back too
-                with self._lock:
-                    self._stranded[row.id] = row
-                log.exception("upload_crashed", path=path_text(row.path))
-            finally:
                 with self._lock:
                     self._inflight -= 1
                     self._idle.notify_all()
-                self._wake.set()
-                self.on_outcome()
+                row = self._queue.get()
+
+    def _run_one(self, row: FileRow) -> FileRow | None:
+        """One attempt and its bookkeeping; returns the worker's next claimed row, None when nothing is due."""
+        pulled: list[FileRow] | None = None  # None: no claim was made with the outcome (or it failed)
+        later = stranded = False
+        try:
+            outcome, pulled = self._attempt(row, pull=True)
+            later = outcome in LATER
+            if later:
+                with self._lock:
+                    self._later += 1  # due later: the next due time the dispatcher remembers may be too late
+        except Exception as exc:  # the outcome could not be written: hand the row back (_release_stranded)
+            stranded = True
+            with self._lock:
+                self._stranded[row.id] = row
+            log.exception("journal_write_failed" if isinstance(exc, JournalError) else "upload_crashed",
+                          path=path_text(row.path))
+        self.on_outcome()
+        if pulled is None and not (later or stranded) and self._may_pull():
+            pulled = self._pull()  # an outcome that claimed nothing with it: a claim of its own
+        if pulled:
+            return pulled[0]
+        if pulled is None or later:
+            # Idle with something left for the dispatcher: a row due later to time, a stranded row to hand
+            # back, a claim that failed, or claiming that stopped. An empty claim needs no second look.
+            self._wake.set()
+        return None
+
+    def _may_pull(self) -> bool:
+        return not self._stopping.is_set() and self.health.may_claim()
+
+    def _pull(self) -> list[FileRow] | None:
+        """Claim one due row for this worker; None if the journal refused (the dispatcher reports it)."""
+        try:
+            return self._journal.claim(1)
+        except JournalError:
+            return None
 
     def _dispatch(self) -> None:
         while not self._stopping.is_set():

@@ -273,3 +273,41 @@ def test_the_dispatcher_asks_when_rows_are_due_only_after_a_retry_and_still_send
         uploader.stop(5)
     assert [r.status for r in r2_proxy.puts() if r.key == "p/retried.png"] == [400, 400, 400, 200]
     assert len(asked) < 10, f"{len(asked)} look-ups for 31 uploads"
+
+
+def test_in_a_backlog_workers_take_their_next_file_with_the_last_ones_outcome(
+    rig: dict[str, Any], s3_server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """30 files queued before the start: the dispatcher claims once per idle worker and the workers claim the
+    rest in the journal write that records each upload (before: one claim transaction and one hand-off per
+    file); every object holds its file's bytes and no row is left claimed."""
+    journal: Journal = rig["journal"]
+    uploader: Uploader = rig["uploader"]
+    claims: list[int] = []
+    with_outcome: list[int] = []
+    real_claim, real_mark = journal.claim, journal.mark_uploaded
+
+    def claim(limit: int) -> list[FileRow]:
+        rows = real_claim(limit)
+        claims.append(len(rows))
+        return rows
+
+    def mark(row: FileRow, **kw: Any) -> list[FileRow]:
+        rows = real_mark(row, **kw)
+        with_outcome.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(journal, "claim", claim)
+    monkeypatch.setattr(journal, "mark_uploaded", mark)
+    files = {f"b{i:02d}.png": os.urandom(100 + i) for i in range(30)}
+    for name, data in files.items():
+        queue(rig, name, data)
+    uploader.start()
+    try:
+        wait_until(lambda: journal.stats().get("uploaded", (0, 0))[0] == 30, timeout=30)
+    finally:
+        assert uploader.stop(5)
+    assert s3_server.objects(bucket) == {f"p/{n}": d for n, d in files.items()}
+    assert sum(with_outcome) == 28, (claims, with_outcome)  # every file but the first two came with an outcome
+    assert sum(claims) == 2, claims  # the dispatcher's first claim, one row per worker
+    assert journal.stats().get("uploading", (0, 0))[0] == 0
