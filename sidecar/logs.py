@@ -41,11 +41,27 @@ def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> Event
     return event_dict
 
 
+_secret_keys: dict[str, bool] = {}  # field name -> looks like a secret; field names are few, so remembered
+_SECRET_KEYS_MAX = 4096
+_PLAIN = frozenset({str, int, float, bool, type(None)})  # values that cannot hold a nested mapping
+
+
+def _is_secret_key(key: object) -> bool:
+    text = str(key)
+    secret = _secret_keys.get(text)
+    if secret is None:
+        secret = any(marker in text.lower() for marker in SECRET_MARKERS)
+        if len(_secret_keys) < _SECRET_KEYS_MAX:
+            _secret_keys[text] = secret
+    return secret
+
+
 def _redact_mapping(mapping: MutableMapping[str, Any]) -> None:
+    # Every line passes here: the per-key marker scan and the ABC check were half the cost of a log line.
     for key, value in mapping.items():
-        if any(marker in str(key).lower() for marker in SECRET_MARKERS):
+        if _is_secret_key(key):
             mapping[key] = REDACTED
-        elif isinstance(value, MutableMapping):
+        elif type(value) not in _PLAIN and isinstance(value, MutableMapping):
             mapping[key] = dict(value)  # never mutate a caller's dict that happens to be logged
             _redact_mapping(mapping[key])
 

@@ -204,6 +204,17 @@ def test_secret_keys_are_redacted(lines: Lines) -> None:
         assert value not in json.dumps(line)
 
 
+def test_secret_keys_stay_redacted_on_every_line(lines: Lines) -> None:
+    """The verdict per field name is remembered (the scan was half a line's cost): the second and later lines
+    with the same secret-looking names are masked too, and a plain name stays plain."""
+    log = structlog.get_logger("sidecar.test")
+    for n in range(3):
+        log.info("again", upload_token=f"tok{n}", nested={"Password": f"pw{n}", "size": n}, path=f"p{n}")
+    got = lines()
+    assert [(x["upload_token"], x["nested"], x["path"]) for x in got] == [
+        (REDACTED, {"Password": REDACTED, "size": n}, f"p{n}") for n in range(3)]
+
+
 def test_stdlib_extra_secrets_are_redacted(lines: Lines) -> None:
     """Secret-looking extra= fields of stdlib records are masked too."""
     logging.getLogger("some.lib").warning("signing", extra={"aws_secret": "zzz"})
