@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
+from sidecar.keys import path_text
+
 PARTIAL_SUFFIXES = (".part", ".partial", ".crdownload", ".tmp", "~")
+_RAW_PARTIAL_SUFFIXES = tuple(suffix.encode("ascii") for suffix in PARTIAL_SUFFIXES)
 
 
 class PathFilter:
@@ -19,6 +22,7 @@ class PathFilter:
 
     def __init__(self, extensions: Iterable[str], include: Iterable[str] = (), exclude: Iterable[str] = ()) -> None:
         self._extensions = frozenset(ext.lower().lstrip(".") for ext in extensions)
+        self._raw_extensions = frozenset(ext.encode("ascii") for ext in self._extensions if ext.isascii())
         self._include = tuple(include)
         self._exclude = tuple(exclude)
 
@@ -37,6 +41,20 @@ class PathFilter:
             return "partial"
         ext = name.rpartition(".")[2].lower() if "." in name else ""
         if ext not in self._extensions:
+            return "extension"
+        return None
+
+    def raw_name_skip_reason(self, name: bytes) -> str | None:
+        """:meth:`name_skip_reason` of a file name as the directory holds it: ASCII names (nearly all) are
+        judged without decoding, the same way (a walk over a million names spent a fifth of its time here)."""
+        if not name.isascii():
+            return self.name_skip_reason(path_text(name))
+        if name[:1] == b".":
+            return "hidden"
+        low = name.lower()
+        if low.endswith(_RAW_PARTIAL_SUFFIXES):
+            return "partial"
+        if (low.rpartition(b".")[2] if b"." in low else b"") not in self._raw_extensions:
             return "extension"
         return None
 

@@ -120,6 +120,11 @@ class Database:
                     self._db.execute("ROLLBACK")
                 raise
 
+    def _variable_limit(self) -> int:
+        """How many ``?`` one statement may carry (999 in SQLite before 3.32, 32,766 or more after)."""
+        with self._lock:
+            return int(self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+
     def _read(self, sql: str, params: Sequence[object] | dict[str, object] = ()) -> list[tuple[object, ...]]:
         with self._lock:
             try:

@@ -20,7 +20,7 @@ import structlog
 
 from sidecar.filters import PathFilter
 from sidecar.journal import Journal
-from sidecar.journal_schema import Version, version_of
+from sidecar.journal_schema import Version
 from sidecar.keys import path_text
 
 log = structlog.get_logger("sidecar.scanner")
@@ -68,15 +68,18 @@ class Scanner:
         started = self._clock()
         files = offered = 0
         batch: list[tuple[bytes, Version]] = []
-        for item in self._walk(subdir):
-            files += 1
-            batch.append(item)
-            if len(batch) >= BATCH:
-                offered += self._reconcile(batch)
-                batch = []
-                if not self._wait_for_room():
-                    break  # shutting down: the next start scans again
-        offered += self._reconcile(batch)
+        stopped = False
+        for found in self._walk(subdir):
+            files += len(found)
+            batch += found
+            while len(batch) >= BATCH and not stopped:  # a folder of 100,000 new files is offered 500 at a time
+                offered += self._reconcile(batch[:BATCH])
+                del batch[:BATCH]
+                stopped = not self._wait_for_room()
+            if stopped:
+                break  # shutting down: the next start scans again
+        if not stopped:
+            offered += self._reconcile(batch)
         return ScanResult(files=files, offered=offered, duration_s=self._clock() - started)
 
     def _wait_for_room(self) -> bool:
@@ -89,18 +92,18 @@ class Scanner:
         return not self._stop.is_set()
 
     def _reconcile(self, batch: list[tuple[bytes, Version]]) -> int:
-        known = self._journal.known([rel for rel, _ in batch])
-        offered = 0
-        for rel, version in batch:
-            seen = known.get(rel)
-            if seen is None or seen[0] != version or seen[1] == "skipped":
-                self._offer(rel, "scan")
-                offered += 1
-        return offered
+        changed = self._journal.changed(batch) if batch else []
+        for rel in changed:
+            self._offer(rel, "scan")
+        return len(changed)
 
-    def _walk(self, subdir: bytes) -> Iterator[tuple[bytes, Version]]:
+    def _walk(self, subdir: bytes) -> Iterator[list[tuple[bytes, Version]]]:
+        """The candidate files of each folder, one list per folder (a million files is a hot loop: the per-file
+        work stays inline)."""
         start = os.path.join(self._root, subdir) if subdir else self._root
         prefix_len = len(self._root.rstrip(b"/")) + 1
+        name_skip, globs = self._filter.raw_name_skip_reason, self._filter.has_globs
+        is_reg = stat.S_ISREG
         stack = [start]
         while stack:
             folder = stack.pop()
@@ -109,20 +112,22 @@ class Scanner:
             except OSError as exc:
                 log.warning("scan_folder_unreadable", path=os.fsdecode(folder), error=exc.strerror)
                 continue
+            found: list[tuple[bytes, Version]] = []
             for entry in entries:
                 # Folders were checked on the way down: a file needs its name checked, and its whole path only
                 # for globs. The name comes first, so a file that is no candidate costs no stat.
-                rel = entry.path[prefix_len:]
                 try:
                     if entry.is_dir(follow_symlinks=False):  # from the directory entry's type: no stat
-                        if self._filter.dir_skip_reason(path_text(rel)) is None:
+                        if self._filter.dir_skip_reason(path_text(entry.path[prefix_len:])) is None:
                             stack.append(entry.path)
                         continue
-                    if self._filter.name_skip_reason(path_text(entry.name)) is not None or (
-                            self._filter.has_globs and self._filter.glob_skip_reason(path_text(rel)) is not None):
+                    if name_skip(entry.name) is not None or (
+                            globs and self._filter.glob_skip_reason(path_text(entry.path[prefix_len:])) is not None):
                         continue
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                if stat.S_ISREG(st.st_mode):
-                    yield rel, version_of(st)
+                if is_reg(st.st_mode):
+                    found.append((entry.path[prefix_len:], (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)))
+            if found:
+                yield found

@@ -96,3 +96,13 @@ def test_keys_are_injective_over_hostile_names() -> None:
     keys = {builder.key_for(b"d/" + name, mtime_ns=0, md5="0" * 32) for name in names}
     assert len(keys) == len(names)
     assert path_text(b"a%0A.png") == "a%250A.png" and path_text(b"a\n.png") == "a%0A.png"
+
+
+def test_a_raw_file_name_is_judged_as_its_text_is() -> None:
+    """The scan's byte-level name check gives the same verdict as the text one, for ASCII and other names."""
+    names = [b"a.png", b"A.PNG", b".hidden.png", b"x.png.part", b"x.PNG.TMP", b"backup~", b"noext", b"dot.",
+             b"100%.png", b"ctl\x01.png", b"we.ird.WebP", b"pn\x01g", "caf\u00e9.png".encode(), "x.\u00c9XT".encode(),
+             b"bad\xff.png", b"bad\xff.part", b".\xff", b"x.jpeg ", b"x. png"]
+    for extensions in (DEFAULT_EXTENSIONS, ("png", ".WEBP", "\u00e9xt")):
+        f = PathFilter(extensions)
+        assert [f.raw_name_skip_reason(n) for n in names] == [f.name_skip_reason(path_text(n)) for n in names]

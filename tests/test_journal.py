@@ -103,13 +103,33 @@ def test_skipped_rows_come_back_when_seen_again(journal: Journal) -> None:
     assert journal.record([cand(b"a.png")]) == [cand(b"a.png")]
 
 
-def test_oldest_pending_age_and_known(journal: Journal, clock: Clock) -> None:
-    """The oldest pending age follows the clock; known() reports stat and state of given paths."""
+def test_oldest_pending_age_follows_the_clock(journal: Journal, clock: Clock) -> None:
     assert journal.oldest_pending_age() == 0
     journal.record([cand(b"a.png", size=5, mtime_ns=7)])
     clock.now += 12.5
     assert journal.oldest_pending_age() == pytest.approx(12.5)
-    assert journal.known([b"a.png", b"zzz"]) == {b"a.png": ((5, 7, 5, 1), "pending")}
+
+
+@pytest.mark.parametrize("limit", [250_000, 12])  # 12 variables: chunks of 2 rows
+def test_changed_names_what_a_scan_must_offer(journal: Journal, monkeypatch: pytest.MonkeyPatch,
+                                              limit: int) -> None:
+    """Unknown paths, any of the four version fields different, and skipped rows are changed; a path known
+    with the same version (pending, uploading or uploaded) is not. Compared in SQLite, in chunks that fit
+    its variable limit."""
+    monkeypatch.setattr(journal, "_variable_limit", lambda: limit)
+    for name in (b"same.png", b"size.png", b"mtime.png", b"ino.png", b"ctime.png", b"skip.png", b"up.png"):
+        journal.record([cand(name, size=5, mtime_ns=7)])  # version (5, 7, 5, 1)
+    rows = {r.path: r for r in journal.claim(10)}  # the others stay uploading
+    journal.record([cand(b"pending.png", size=5, mtime_ns=7)])
+    journal.mark_skipped(rows[b"skip.png"], reason="vanished")
+    uploaded(journal, rows[b"up.png"])
+    odd = "na\u00efve\udcff.png".encode("utf-8", "surrogateescape")
+    seen = [(b"same.png", (5, 7, 5, 1)), (b"pending.png", (5, 7, 5, 1)), (b"size.png", (6, 7, 5, 1)),
+            (b"mtime.png", (5, 8, 5, 1)), (b"ino.png", (5, 7, 6, 1)), (b"ctime.png", (5, 7, 5, 2)),
+            (b"skip.png", (5, 7, 5, 1)), (b"up.png", (5, 7, 5, 1)), (b"new.png", (1, 1, 1, 1)), (odd, (1, 1, 1, 1))]
+    assert sorted(journal.changed(seen)) == sorted(
+        [b"size.png", b"mtime.png", b"ino.png", b"ctime.png", b"skip.png", b"new.png", odd])
+    assert journal.changed([]) == []
 
 
 def test_multipart_upload_left_open_becomes_an_orphan_kept_until_aborted(journal: Journal) -> None:
