@@ -42,13 +42,16 @@ class Intake:
         self._want_dir = want_dir
         self._lock = threading.Lock()
         self._skipped: OrderedDict[bytes, None] = OrderedDict()
+        self._last: tuple[bytes, str | None] = (b"", None)  # the last path's filter verdict (one tuple: atomic)
 
     def on_path(self, rel: bytes, source: str) -> None:
         """A file was created, written, closed or moved in (or a scan found it): maybe a candidate."""
         if self._canary.matches(rel):
             self._canary.seen()
             return
-        reason = self._filter.skip_reason(path_text(rel))
+        last_rel, last_reason = self._last  # a file being written sends its events in a row: filter it once
+        reason = last_reason if rel == last_rel else self._filter.skip_reason(path_text(rel))
+        self._last = (rel, reason)
         if reason is None:
             self._settler.offer(rel, source)
         elif reason != "hidden" and self._first_skip(rel):

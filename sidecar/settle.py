@@ -99,12 +99,14 @@ class Settler:
         instead of after a backoff that grew while the writer held the file.
         """
         now = self._clock()
+        sooner = False  # a check became due now: the loop must look (a modify event changes no due time)
         with self._lock:
             entry = self._entries.get(relpath)
             if entry is None:
                 entry = self._entries[relpath] = _Entry(source=source, due=now, seen_at=now)
                 entry.note(source, now)
                 heapq.heappush(self._heap, (now, relpath))
+                sooner = True
             elif source != "scan":
                 entry.offers += 1
                 entry.note(source, now)
@@ -113,7 +115,9 @@ class Settler:
                 if source in WRITER_DONE and entry.due > now:
                     entry.due, entry.rechecks = now, 0
                     heapq.heappush(self._heap, (now, relpath))
-        self._wake.set()
+                    sooner = True
+        if sooner:
+            self._wake.set()  # not for the ~40 modify events of a PNG being written: each was a wasted loop
 
     def __len__(self) -> int:
         with self._lock:

@@ -79,31 +79,37 @@ def watched_dirs() -> set[tuple[int, int]] | None:
 class _Handler(FileSystemEventHandler):
     def __init__(self, root: Path, on_path: OnPath, on_dir: Callable[[bytes], None]) -> None:
         self._root = root
+        self._base = os.fsencode(root).rstrip(b"/") + b"/"
         self._on_path = on_path
         self._on_dir = on_dir
 
+    def _relative(self, path: str | bytes) -> bytes | None:
+        raw = os.fsencode(path)
+        return raw[len(self._base):] if raw.startswith(self._base) and len(raw) > len(self._base) else None
+
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
-            if isinstance(event, DirMovedEvent | DirCreatedEvent):
-                rel = relative(self._root, event.dest_path or event.src_path)
-                if rel is not None:
-                    self._on_dir(rel)
-                return
-            if isinstance(event, FileMovedEvent):
-                path, source = event.dest_path, "move"
-            elif isinstance(event, FileClosedEvent):
-                path, source = event.src_path, "close"
-            elif isinstance(event, FileCreatedEvent):
-                path, source = event.src_path, "create"
-            elif isinstance(event, FileModifiedEvent):
-                path, source = event.src_path, "modify"
-            else:
-                return
-            rel = relative(self._root, path)
+            kind = type(event)
+            # Exact types first, most frequent first (a PNG is ~40 modify events); subclasses below.
+            source = _SOURCES.get(kind)
+            if source is None:
+                if isinstance(event, DirMovedEvent | DirCreatedEvent):
+                    rel = self._relative(event.dest_path or event.src_path)
+                    if rel is not None:
+                        self._on_dir(rel)
+                    return
+                source = next((s for cls, s in _SOURCES.items() if isinstance(event, cls)), None)
+                if source is None:
+                    return
+            rel = self._relative(event.dest_path if source == "move" else event.src_path)
             if rel is not None:
                 self._on_path(rel, source)
         except Exception:  # an exception here would kill watchdog's dispatcher thread for good
             log.exception("watch_handler_failed")
+
+
+_SOURCES: dict[type[FileSystemEvent], str] = {FileModifiedEvent: "modify", FileClosedEvent: "close",
+                                               FileCreatedEvent: "create", FileMovedEvent: "move"}
 
 
 class _OverflowHook(logging.Handler):
