@@ -150,9 +150,11 @@ def cmd_run(_: argparse.Namespace) -> int:
     from prometheus_client import disable_created_metrics  # noqa: PLC0415
 
     from sidecar.daemon import build_daemon  # noqa: PLC0415 - keeps `sidecar config` light
+    from sidecar.memory import limit_malloc_arenas  # noqa: PLC0415
 
     # The *_created series double the exposition and tell operators nothing.
     disable_created_metrics()  # type: ignore[no-untyped-call]
+    limit_malloc_arenas()  # before any thread starts: RSS stays flat over a long stream
     settings = _settings()
     daemon = build_daemon(settings)
     return run_until_signalled(daemon, settings.drain_timeout_s)
