@@ -94,22 +94,12 @@ class LocalBucket:
             raise RuntimeError(f"localbucket did not start; see {self.log_path}")
 
     def _listening(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
+        return proctree.listening(self.port)
 
     def stop(self) -> None:
         if self.front is not None:
             self.front.stop()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        proctree.terminate(self.proc)
         if self.mount is not None:
             subprocess.run(["umount", str(self.mount)], check=False)
         else:

@@ -11,7 +11,6 @@ Its CPU is counted with the server's (not the tool's).
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -59,22 +58,10 @@ class TlsFront:
             raise RuntimeError(f"stunnel did not start; see {self.work / 'stunnel.log'}")
 
     def _listening(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
+        return (self.proc is None or self.proc.poll() is None) and proctree.listening(self.port)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        proctree.terminate(self.proc)
 
     def cpu_s(self) -> float:
         if self.proc is None:
