@@ -50,12 +50,17 @@ class Outcomes:
         self._metrics.uploads.labels(outcome=outcome).inc()
         return outcome
 
-    def succeeded(self, row: FileRow, result: Result, duration: float, *, then_claim: int) -> list[FileRow]:
-        pulled = self._journal.mark_uploaded(row, uploaded=result.version, md5=result.md5, key=result.key,
-                                             etag=result.etag, then_claim=then_claim)
+    def succeeded(self, row: FileRow, result: Result, *, then_claim: int) -> list[FileRow]:
+        """Write the success down; with ``then_claim``, claim (and return) the worker's next rows in that write.
+        :meth:`report_success` follows."""
+        return self._journal.mark_uploaded(row, uploaded=result.version, md5=result.md5, key=result.key,
+                                           etag=result.etag, then_claim=then_claim)
+
+    def report_success(self, row: FileRow, result: Result, duration: float) -> None:
+        """The success's metrics, log line and hook (a webhook's outbox row)."""
         if result.outcome == "unchanged":
             log.info("upload_unchanged", path=path_text(row.path), key=result.key)
-            return pulled
+            return
         now = self._clock()
         self.last_key = result.key
         self._metrics.last_success.set(now)
@@ -70,7 +75,6 @@ class Outcomes:
                  attempt=row.attempts + 1, duration_s=round(duration, 4), outcome=result.outcome,
                  source=row.source)
         self.on_stored(row, result)
-        return pulled
 
     def source_problem(self, row: FileRow, exc: SourceFileError) -> str:
         rel = path_text(row.path)

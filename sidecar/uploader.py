@@ -100,7 +100,8 @@ class Uploader:
             return self._workers - self._inflight
 
     def _release_stranded(self) -> None:
-        """Rows whose outcome could not be written (journal full) go back to pending once it takes writes again.
+        """Rows whose outcome could not be written (journal full), and rows a worker claimed with an outcome whose
+        report then failed, go back to pending once the journal takes writes again.
 
         Left alone they would stay ``uploading`` until the next start. Uploading them again is safe: a key we
         already wrote answers 412 and a HEAD shows our MD5.
@@ -108,7 +109,7 @@ class Uploader:
         with self._lock:
             stranded = list(self._stranded.values())
         for row in stranded:
-            self._journal.mark_retry(row, error="the journal refused the outcome of the last attempt",
+            self._journal.mark_retry(row, error="handed back: the outcome of an attempt could not be recorded in full",
                                      error_class="JournalError", delay_s=0, count=False)
             with self._lock:
                 self._stranded.pop(row.id, None)
@@ -144,9 +145,21 @@ class Uploader:
             return self.outcomes.retry_later(row, f"{type(exc).__name__}: {exc}", type(exc).__name__), None
         finally:
             self._progress.end()
+        duration = time.monotonic() - started
         claim = pull and self._may_pull()
-        pulled = self.outcomes.succeeded(row, result, time.monotonic() - started, then_claim=int(claim))
+        pulled = self.outcomes.succeeded(row, result, then_claim=int(claim))
+        try:
+            self.outcomes.report_success(row, result, duration)
+        except BaseException:
+            self._hand_back(pulled)  # claimed with this outcome and never started: not left in uploading
+            raise
         return self.outcomes.count(result.outcome), pulled if claim else None
+
+    def _hand_back(self, rows: list[FileRow]) -> None:
+        with self._lock:
+            for row in rows:
+                self._stranded[row.id] = row
+        self._wake.set()
 
     # -- threads ---------------------------------------------------------------------------------------
 

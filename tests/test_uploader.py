@@ -311,3 +311,31 @@ def test_in_a_backlog_workers_take_their_next_file_with_the_last_ones_outcome(
     assert sum(with_outcome) == 28, (claims, with_outcome)  # every file but the first two came with an outcome
     assert sum(claims) == 2, claims  # the dispatcher's first claim, one row per worker
     assert journal.stats().get("uploading", (0, 0))[0] == 0
+
+
+def test_rows_claimed_with_an_outcome_whose_report_fails_are_handed_back(
+    rig: dict[str, Any], s3_server: S3Server, bucket: str,
+) -> None:
+    """A hook that raises after a success (a webhook outbox on a full journal, say) must not strand the rows
+    the worker claimed in that same journal write: every file still ends uploaded, none stays claimed."""
+    journal: Journal = rig["journal"]
+    uploader: Uploader = rig["uploader"]
+    calls: list[str] = []
+
+    def on_stored(row: FileRow, result: Result) -> None:
+        calls.append(result.key)
+        if len(calls) == 1:
+            raise RuntimeError("the hook failed")
+
+    uploader.outcomes.on_stored = on_stored
+    files = {f"h{i:02d}.png": os.urandom(50 + i) for i in range(12)}
+    for name, data in files.items():
+        queue(rig, name, data)
+    uploader.start()
+    try:
+        wait_until(lambda: journal.stats()["uploaded"][0] == 12, timeout=30,
+                   message="a row claimed with the failed outcome stayed claimed")
+    finally:
+        assert uploader.stop(5)
+    assert journal.stats()["uploading"][0] == 0 and journal.stats()["pending"][0] == 0
+    assert s3_server.objects(bucket) == {f"p/{n}": d for n, d in files.items()}
