@@ -79,13 +79,8 @@ def watched_dirs() -> set[tuple[int, int]] | None:
 class _Handler(FileSystemEventHandler):
     def __init__(self, root: Path, on_path: OnPath, on_dir: Callable[[bytes], None]) -> None:
         self._root = root
-        self._base = os.fsencode(root).rstrip(b"/") + b"/"
         self._on_path = on_path
         self._on_dir = on_dir
-
-    def _relative(self, path: str | bytes) -> bytes | None:
-        raw = os.fsencode(path)
-        return raw[len(self._base):] if raw.startswith(self._base) and len(raw) > len(self._base) else None
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
@@ -94,14 +89,14 @@ class _Handler(FileSystemEventHandler):
             source = _SOURCES.get(kind)
             if source is None:
                 if isinstance(event, DirMovedEvent | DirCreatedEvent):
-                    rel = self._relative(event.dest_path or event.src_path)
+                    rel = relative(self._root, event.dest_path or event.src_path)
                     if rel is not None:
                         self._on_dir(rel)
                     return
                 source = next((s for cls, s in _SOURCES.items() if isinstance(event, cls)), None)
                 if source is None:
                     return
-            rel = self._relative(event.dest_path if source == "move" else event.src_path)
+            rel = relative(self._root, event.dest_path if source == "move" else event.src_path)
             if rel is not None:
                 self._on_path(rel, source)
         except Exception:  # an exception here would kill watchdog's dispatcher thread for good
