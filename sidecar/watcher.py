@@ -46,6 +46,7 @@ EVENT_FILTER = [FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedE
 WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 POLL_INTERVAL_S = 2.0
 RECHECK_S = 0.2  # a folder created during the start-up walk is watched once its own event is read
+LEAF_LINKS = 2  # a folder's own name and its "." entry: no subfolder links to it with ".."
 
 OnPath = Callable[[bytes, str], None]
 
@@ -74,6 +75,27 @@ def watched_dirs() -> set[tuple[int, int]] | None:
             sdev = int(fields.get("sdev", "0"), 16)  # the kernel's dev_t: major << 20 | minor
             found.add((os.makedev(sdev >> 20, sdev & 0xFFFFF), int(fields.get("ino", "0"), 16)))
     return found if seen_inotify else None
+
+
+def folders_below(root: bytes) -> Iterator[bytes]:
+    """Every folder below ``root``, ``root`` first; symlinks are not followed.
+
+    A folder whose link count is exactly 2 has no subfolders on filesystems that count them (a folder's
+    count is 2 + its subfolders: ext4, xfs, tmpfs), so it is not listed: over a million files in 1,000 leaf
+    folders this lists one folder instead of a million entries (~1 s of CPU). Filesystems that do not count
+    subfolders report 1 (btrfs, some overlay and FUSE folders), and those folders are listed.
+    """
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        yield folder
+        try:
+            if os.stat(folder, follow_symlinks=False).st_nlink == LEAF_LINKS:
+                continue
+            with os.scandir(folder) as entries:
+                stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError:
+            continue  # gone again, or unreadable: the caller judges the folder itself
 
 
 class _Handler(FileSystemEventHandler):
@@ -175,7 +197,7 @@ class Watcher:
                 observer: BaseObserver = InotifyObserver()
                 observer.schedule(self._handler, str(self.root), recursive=True, event_filter=EVENT_FILTER)
                 observer.start()
-                gap = self._first_unwatched(self._all_folders(), recheck=True)
+                gap = self._first_unwatched(folders_below(os.fsencode(self.root)), recheck=True)
                 if gap is None:
                     self.mode, self.degraded_reason = "inotify", ""
                     return observer
@@ -218,13 +240,6 @@ class Watcher:
         self._force_polling = True
         shown = os.fsdecode(gap) or "."
         self.degraded_reason = f"inotify watch limit reached: folder {shown!r} is not watched"
-
-    def _all_folders(self) -> Iterator[bytes]:
-        root = os.fsencode(self.root)
-        yield root
-        for folder, subfolders, _ in os.walk(root):
-            for name in subfolders:
-                yield os.path.join(folder, name)
 
     def _first_unwatched(self, folders: Iterable[bytes], *, recheck: bool = False) -> bytes | None:
         watched = watched_dirs()

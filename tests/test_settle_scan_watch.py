@@ -22,7 +22,7 @@ from sidecar.metrics import Metrics
 from sidecar.mounts import mounts_under
 from sidecar.scanner import Scanner
 from sidecar.settle import Settler
-from sidecar.watcher import Watcher
+from sidecar.watcher import Watcher, folders_below
 
 
 class Clock:
@@ -364,3 +364,27 @@ def test_mounts_under_reads_escaped_mount_points(tmp_path: Path) -> None:
     ]))
     assert mounts_under(root, str(info)) == {b"a b", b"deep/er"}
     assert mounts_under(root, str(tmp_path / "missing")) is None
+
+
+def test_the_coverage_walk_finds_every_folder_without_listing_leaves(tmp_path: Path) -> None:
+    """The start-up coverage check's walk (leaf folders judged by their link count) finds exactly the folders
+    os.walk finds: nested, hidden and emptied ones; a symlink to a folder is not followed."""
+    root = tmp_path / "out"
+    for rel in ("a/b/c", "a/b/d", "a/e", ".hidden/f", "g", "emptied/h"):
+        (root / rel).mkdir(parents=True)
+        (root / rel / "x.png").write_bytes(b"x")
+    (root / "emptied" / "h" / "x.png").unlink()
+    (root / "emptied" / "h").rmdir()  # the parent's link count drops back to 2
+    outside = tmp_path / "elsewhere" / "deep"
+    outside.mkdir(parents=True)
+    (root / "a" / "link").symlink_to(tmp_path / "elsewhere")
+    expected = {os.fsencode(root)} | {
+        os.path.join(folder, name)
+        for folder, subfolders, _ in os.walk(os.fsencode(root))
+        for name in subfolders
+        if not os.path.islink(os.path.join(folder, name))
+    }
+    found = list(folders_below(os.fsencode(root)))
+    assert len(found) == len(set(found)) == 10
+    assert set(found) == expected
+    assert found[0] == os.fsencode(root)
