@@ -12,7 +12,9 @@ against 40 written with no scraper (does a scrape hold uploads up?). Journal byt
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -133,7 +135,7 @@ def run(ctx: Ctx, peers: list[str], runs: int, log: callable) -> list[Sample]:  
             "scraped_p50_ms": pct([x * 1000 for x in busy], 50), "scraped_max_ms": max(busy, default=0) * 1000,
             "scrapes_during_probe": scrapes, "tree_s": made, "fill_s": filled,
         }
-        sample.note = request_summary(requests, 1)[1] + scan_fields(running.log)
+        sample.note = request_summary(requests, 1)[1] + journal_check(running.log) + scan_fields(running.log)
         if not done:
             sample.note = "DNF: no scan_completed within 120 s; " + sample.note
         log(NAME, sample)
@@ -142,5 +144,50 @@ def run(ctx: Ctx, peers: list[str], runs: int, log: callable) -> list[Sample]:  
             for f in extra.iterdir():
                 f.unlink()
             extra.rmdir()
+    samples.append(after_kill(ctx, tree, bucket, state, log))
     ctx.server.drop_bucket(bucket)
     return samples
+
+
+def after_kill(ctx: Ctx, tree: Path, bucket: str, state: Path, log: callable) -> Sample:  # type: ignore[valid-type]
+    """A restart after kill -9 (no clean-close mark: the journal's integrity check runs): spawn -> scan_completed."""
+    sample = Sample(peer="sidecar, restart after kill -9", run=0)
+    running = spawn_watcher(ctx, "sidecar", tree, bucket, state)
+    try:
+        proctree.wait_until(lambda: running.log_has('"scan_completed"'), 120, interval=0.02)
+    finally:
+        running.kill_session(signal.SIGKILL)
+        running.popen.wait(timeout=10)
+    before = ctx.server.requests(bucket)
+    start = time.monotonic()
+    running = spawn_watcher(ctx, "sidecar", tree, bucket, state)
+    sampler = proctree.Sampler(running.pid)
+    sampler.start()
+    try:
+        done = proctree.wait_until(lambda: running.log_has('"scan_completed"'), 120, interval=0.02)
+        seconds = time.monotonic() - start
+        cpu = running.cpu_s()
+        hwm = proctree.vm_hwm(running.pid)
+        time.sleep(1.0)
+        requests = ctx.server.requests(bucket) - before
+    finally:
+        sampler.stop()
+        running.stop(grace=10)
+    sample.finished = done
+    sample.requests = requests
+    sample.metrics = {"files": FILES, "seconds": seconds, "peak_rss_mb": max(hwm, sampler.peak_hwm) / 2**20,
+                      "cpu_s": cpu, "requests": sum(requests.values())}
+    sample.note = request_summary(requests, 1)[1] + journal_check(running.log) + scan_fields(running.log)
+    log(NAME, sample)
+    return sample
+
+
+def journal_check(log_path: Path) -> str:
+    """How the daemon's start judged its journal (checked, or trusted after a clean close), for the notes."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"daemon_starting"' in line:
+            try:
+                return "; journal " + str(json.loads(line).get("journal_check", "?"))
+            except ValueError:
+                return ""
+    return ""

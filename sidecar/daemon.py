@@ -228,7 +228,8 @@ class Daemon:
     def start(self, *, watch: bool = True) -> None:
         """Start every part; a busy HTTP port or a broken journal fails here, loudly."""
         log.info("daemon_starting", version=__version__, watch_dir=str(self.root), bucket=self.settings.bucket,
-                 endpoint=self.store.endpoint, pid=os.getpid())
+                 endpoint=self.store.endpoint, pid=os.getpid(),
+                 journal_check=self.journal.integrity)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # e.g. a path under a file, or no permission: a configuration problem, said once

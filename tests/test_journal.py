@@ -247,7 +247,7 @@ def test_read_only_journal_is_one_clear_line() -> None:
     assert answer.startswith("error: ") and "read-only" in answer and "uid 65534" in answer, answer
     left = sorted(p.name for p in tmp_path.iterdir())
     shutil.rmtree(tmp_path)
-    assert "\n" not in answer and left == ["journal.sqlite3"]
+    assert "\n" not in answer and [name for name in left if not name.endswith(".clean")] == ["journal.sqlite3"]
 
 
 def test_deleted_or_replaced_journal_is_detected(tmp_path: Path) -> None:
@@ -305,3 +305,49 @@ def test_a_long_view_read_does_not_hold_up_writers(journal: Journal) -> None:
     assert reader.is_alive(), "the view read ended before the writes: it proves nothing"
     assert journal.stats()["uploaded"] == (2, 20)
     reader.join(timeout=60)
+
+
+def test_a_cleanly_closed_journal_is_trusted_once_and_any_change_brings_the_check_back(tmp_path: Path) -> None:
+    """The integrity check is skipped only for the file a clean close left (sidecar.cleanmark): a second
+    open while the first is still open (what a crash leaves) checks, and so does one after the file changed."""
+    path = tmp_path / "journal.sqlite3"
+    first = Journal(path)
+    assert first.integrity == "checked"
+    first.record([cand(b"a.png")])
+    first.close()
+    again = Journal(path)
+    assert again.integrity == "unchanged since a clean close"
+    assert again.get(b"a.png") is not None
+    crashed = Journal(path)  # the first open took the mark; this one finds none
+    assert crashed.integrity == "checked"
+    crashed.close()
+    again.close()
+    with path.open("r+b") as f:  # a write that keeps size and content: its ctime still moves
+        f.seek(100)
+        same = f.read(4)
+        f.seek(100)
+        f.write(same)
+    reopened = Journal(path)
+    assert reopened.integrity == "checked"
+    reopened.close()
+
+
+def test_index_pages_torn_right_after_a_clean_close_are_still_found(tmp_path: Path) -> None:
+    """Damage written within milliseconds of the close (the same clock tick) does not ride on its mark."""
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.record([cand(f"old/img_{i:05d}.png".encode()) for i in range(2000)])
+    journal.close()
+    mark = (tmp_path / "journal.sqlite3.clean").read_bytes()
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    pages = [r[0] for r in db.execute("SELECT pageno FROM dbstat WHERE name = 'sqlite_autoindex_files_1' "
+                                      "AND pagetype = 'leaf'")]
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    (tmp_path / "journal.sqlite3.clean").write_bytes(mark)  # as if the reader above never happened
+    with path.open("r+b") as f:
+        for page in pages:
+            f.seek((page - 1) * size)
+            f.write(b"\xa5" * size)
+    _, moved = open_journal(path)
+    assert moved is not None and not (tmp_path / "journal.sqlite3.clean").exists()
