@@ -9,7 +9,8 @@ every attempt is reported to the same observer (:class:`sidecar.store_health.Sto
 
 It is used only where it sends exactly what botocore would (:func:`direct_put_for` says why not otherwise):
 an explicit endpoint (R2, MinIO...), static keys, no proxy, and header values that are printable ASCII.
-Multipart uploads, HEADs and everything else stay on boto3.
+It sends the parts of multipart uploads too (UploadPart, the same PUT with a query); creating, completing
+and aborting them, HEADs and everything else stay on boto3.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterable
 from html import unescape
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 from urllib.request import getproxies, proxy_bypass
 
 from sidecar import __version__
@@ -67,6 +68,11 @@ def _error_fields(payload: bytes) -> tuple[str, str]:
     return (unescape(code.group(1)) if code else "", unescape(message.group(1)) if message else "")
 
 
+def part_query(number: int, upload_id: str) -> str:
+    """UploadPart's query as it is sent and signed: names sorted, values URI-encoded (SigV4's canonical form)."""
+    return f"partNumber={number}&uploadId={quote(upload_id, safe='-_.~')}"
+
+
 class DirectPut:
     """Conditional single PUTs of one bucket over ``http.client``; raises :class:`StoreError` subclasses."""
 
@@ -98,31 +104,44 @@ class DirectPut:
 
     def put(self, key: str, data: Body, *, md5_hex: str, headers: ObjectHeaders) -> str:
         """Send the PUT; return the ETag the store answered with ("" if none), unproven."""
+        sent = [("if-none-match", "*"), *headers.http_headers(md5_hex)]
+        return self._send("PutObject", key, "", sent, data, md5_hex=md5_hex)
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytearray, *, md5_hex: str) -> str:
+        """Send one part of a multipart upload (UploadPart: a PUT with ``partNumber`` and ``uploadId``); return
+        its ETag, unproven. Over http botocore would also hash the whole part with SHA-256 for the signature:
+        here, as over https, the signed Content-MD5 is the integrity check."""
+        query = part_query(number, upload_id)
+        return self._send("UploadPart", key, query, [], data, md5_hex=md5_hex)
+
+    def _send(self, operation: str, key: str, query: str, extra: list[tuple[str, str]], data: Body, *,
+              md5_hex: str) -> str:
         path = s3_path(self._bucket, key)
         sent = [
             ("host", self._host_header), ("content-length", str(len(data))),
-            ("content-md5", base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")), ("if-none-match", "*"),
-            *headers.http_headers(md5_hex),
+            ("content-md5", base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")), *extra,
         ]
         conn = self._connection()
         try:
             self._connect(conn)
-            status, etag, payload = self._exchange(conn, path, self._signer.sign("PUT", path, sent), data)
+            target = f"{path}?{query}" if query else path
+            status, etag, payload = self._exchange(conn, target, self._signer.sign("PUT", path, sent, query=query),
+                                                   data)
         except _FileTrouble as trouble:  # the file's problem, not the store's: StoreHealth hears nothing
             conn.close()  # half a body went out on it
             if trouble.error is not None:
                 raise trouble.error from None  # EIO, ESTALE...: the uploader's source-file handling
-            raise TransientStoreError("the file ended before its hashed length", operation="PutObject", key=key,
+            raise TransientStoreError("the file ended before its hashed length", operation=operation, key=key,
                                       code="IncompleteBody") from None
         except (OSError, http.client.HTTPException) as exc:  # no answer: connection trouble, not the file's
             conn.close()
-            self._observer("PutObject", "error")
-            raise self._failure(exc, key) from None
-        self._observer("PutObject", str(status))
+            self._observer(operation, "error")
+            raise self._failure(exc, operation, key) from None
+        self._observer(operation, str(status))
         if 200 <= status < 300:
             return etag.strip('"')
         code, message = _error_fields(payload)
-        raise from_answer(code, status, message, operation="PutObject", key=key, secrets=self._secrets)
+        raise from_answer(code, status, message, operation=operation, key=key, secrets=self._secrets)
 
     def close(self) -> None:
         with self._lock:
@@ -185,11 +204,11 @@ class DirectPut:
             left -= len(chunk)
 
     @staticmethod
-    def _failure(exc: BaseException, key: str) -> StoreError:
+    def _failure(exc: BaseException, operation: str, key: str) -> StoreError:
         """The same errors :func:`sidecar.store_errors.classify` gives botocore's transport failures."""
         if isinstance(exc, TimeoutError):
-            return TransientStoreError("timed out", operation="PutObject", key=key, code="Timeout", scope="bucket")
-        return TransientStoreError(f"connection failed ({type(exc).__name__})", operation="PutObject", key=key,
+            return TransientStoreError("timed out", operation=operation, key=key, code="Timeout", scope="bucket")
+        return TransientStoreError(f"connection failed ({type(exc).__name__})", operation=operation, key=key,
                                    code="ConnectionError", scope="bucket")
 
 

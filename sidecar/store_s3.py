@@ -197,6 +197,9 @@ class S3Store:
 
     def upload_part(self, key: str, upload_id: str, number: int, data: bytes | bytearray) -> str:
         md5_hex = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        if self._direct is not None and isinstance(data, bytearray):
+            return _proven(self._direct.upload_part(key, upload_id, number, data, md5_hex=md5_hex), md5_hex,
+                           operation="UploadPart", key=key)
         response = self._call(
             "UploadPart", key, self._client.upload_part, Key=key, UploadId=upload_id, PartNumber=number,
             Body=data, ContentMD5=_md5_b64(md5_hex),

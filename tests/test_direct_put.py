@@ -16,7 +16,7 @@ from support.proxy import R2Proxy
 from support.s3server import S3Server
 
 from sidecar.config import Settings, load_settings
-from sidecar.direct_put import DirectPut, direct_put_for
+from sidecar.direct_put import DirectPut, direct_put_for, part_query
 from sidecar.errors import KeyExistsError, PermanentStoreError, TransientStoreError
 from sidecar.filebody import FileSlice
 from sidecar.sigv4 import SigV4Signer, s3_path
@@ -229,3 +229,56 @@ def test_a_file_that_shrinks_while_it_is_sent_is_the_files_problem_not_the_store
     data = bytearray(b"next")
     assert put.put("k/next.png", data, md5_hex=md5(data), headers=HEADERS) == md5(data)
     assert s3_server.objects(bucket) == {"k/next.png": b"next"}
+
+
+def test_parts_go_direct_signed_as_botocore_signs_them_and_assemble_byte_identical(
+    r2_proxy: R2Proxy, bucket: str, monkeypatch: pytest.MonkeyPatch, s3_server: S3Server,
+) -> None:
+    """UploadPart on the direct path: its Authorization equals botocore's for the same part (https, where
+    botocore does not hash the payload either), the verifying proxy accepts every part with the signed
+    Content-MD5 and no SHA-256 of the payload, and the completed object is the bytes sent."""
+    upload_id = "2~a+b/c=d"  # the characters an upload id may carry that the query must encode
+    settings = settings_for("https://127.0.0.1:9")
+    client = make_client(settings)
+    captured: list[Any] = []
+
+    class Captured(Exception):
+        pass
+
+    def grab(request: Any, **_: Any) -> None:
+        captured.append(request)
+        raise Captured
+
+    client.meta.events.register("before-send.s3.UploadPart", grab)
+    part = b"y" * 1000
+    for key in HOSTILE_KEYS:
+        with pytest.raises(Captured):
+            client.upload_part(Bucket="bucket", Key=key, UploadId=upload_id, PartNumber=7, Body=part,
+                               ContentMD5="nX8E8gJ7n2e5N2r2PUk4gA==")
+        request = captured.pop()
+        url = urlsplit(request.url)
+        assert sorted(url.query.split("&")) == part_query(7, upload_id).split("&"), key  # same pairs, sorted
+        values = {"host": url.netloc, **{k.lower(): v.decode() if isinstance(v, bytes) else str(v)
+                                         for k, v in request.headers.items()}}
+        assert values["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+        names = values["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+        ours = SigV4Signer("testing", "testing", "us-east-1").sign(
+            "PUT", url.path, [(n, values[n]) for n in names if n not in ("x-amz-date", "x-amz-content-sha256")],
+            query=part_query(7, upload_id), amz_date=values["x-amz-date"])
+        assert dict(ours)["Authorization"] == values["authorization"], key
+
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(r2_proxy.ca_bundle))
+    good = settings_for(r2_proxy.endpoint, bucket)
+    seen: list[str] = []
+    store = S3Store(make_client(good), bucket, direct=direct_put_for(good, observer=lambda o, s: seen.append(o))[0])
+    key = HOSTILE_KEYS[1]
+    chunks = [bytearray(os.urandom(5 * 1024 * 1024)), bytearray(os.urandom(123_457))]
+    upload = store.create_multipart(key, md5_hex=None, headers=HEADERS)
+    etags = [store.upload_part(key, upload, n, data) for n, data in enumerate(chunks, start=1)]
+    assert etags == [md5(c) for c in chunks]
+    store.complete_multipart(key, upload, etags)
+    assert s3_server.objects(bucket) == {key: b"".join(chunks)}
+    sent = r2_proxy.parts()
+    assert [(r.status, r.headers["x-amz-content-sha256"], r.payload_len) for r in sent] == [
+        (200, "UNSIGNED-PAYLOAD", len(c)) for c in chunks]
+    assert seen.count("UploadPart") == 2
