@@ -100,9 +100,10 @@ class ObjectStore(Protocol):
         """Upload one part (with its Content-MD5); return its ETag, proven to be the part's MD5."""
         ...
 
-    def complete_multipart(self, key: str, upload_id: str, etags: list[str]) -> str:
+    def complete_multipart(self, key: str, upload_id: str, etags: list[str], *, whole_md5: str = "") -> str:
         """Finish a multipart upload unless the key exists (``KeyExistsError``); return the object's ETag,
-        proven to be :func:`composite_etag` of the parts."""
+        proven to be :func:`composite_etag` of the parts -- or ``whole_md5``, the MD5 of all the bytes, which
+        some S3-compatible servers answer instead and which proves as much."""
         ...
 
     def abort_multipart(self, key: str, upload_id: str) -> None:

@@ -281,7 +281,7 @@ class Transfer:
 
     def _complete(self, key: str, upload_id: str, etags: list[str], content: _Content) -> str:
         try:
-            return self._retry(lambda: self._store.complete_multipart(key, upload_id, etags))
+            return self._retry(lambda: self._store.complete_multipart(key, upload_id, etags, whole_md5=content.md5))
         except PermanentStoreError as exc:
             # A completion retried after its answer was lost finds the upload gone: it may have succeeded.
             if exc.code != "NoSuchUpload":

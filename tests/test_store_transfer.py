@@ -371,3 +371,24 @@ def test_file_slice_never_sends_more_than_was_hashed(tmp_path: Path) -> None:
             w.write(b"more")
         assert len(body) == 6 and body.read(4) == b"0123" and body.read() == b"45" and body.read() == b""
         assert body.seek(0, 2) == 6 and body.tell() == 6 and body.seek(1) == 1 and body.read(100) == b"12345"
+
+
+def test_a_completion_answered_with_the_whole_objects_md5_is_proof_and_another_etag_is_not(
+        store: S3Store, r2_proxy: R2Proxy, s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
+    """Some S3-compatible servers (localbucket) answer CompleteMultipartUpload with the MD5 of the whole
+    object, not S3's composite: that proves the bytes, so it is accepted at once -- no abort, no HEAD, no
+    second completion. Any other ETag is still refused (ETagMismatch)."""
+    data = os.urandom(6 * MIB)
+    (tmp_path / "x.mp4").write_bytes(data)
+    completing = lambda r: r.operation == "CompleteMultipartUpload"  # noqa: E731
+    r2_proxy.answer_with_etag(md5(data), 1, when=completing)
+    done = make_transfer(store, tmp_path, threshold=5 * MIB).run(row(b"x.mp4"))
+    assert (done.outcome, done.etag) == ("uploaded", md5(data))
+    assert [r.operation for r in r2_proxy.requests if r.operation != "UploadPart"] == [
+        "CreateMultipartUpload", "CompleteMultipartUpload"]
+    assert s3_server.objects(bucket) == {"pod/x.mp4": data}
+    (tmp_path / "y.mp4").write_bytes(os.urandom(6 * MIB))
+    r2_proxy.answer_with_etag("0" * 32, 1, when=completing)
+    with pytest.raises(TransientStoreError) as refused:
+        make_transfer(store, tmp_path, threshold=5 * MIB).run(row(b"y.mp4", id=2))
+    assert refused.value.code == "ETagMismatch"

@@ -116,7 +116,7 @@ class MemoryStore:
             upload.parts[number] = bytes(data)
         return hashlib.md5(data).hexdigest()
 
-    def complete_multipart(self, key: str, upload_id: str, etags: list[str]) -> str:
+    def complete_multipart(self, key: str, upload_id: str, etags: list[str], *, whole_md5: str = "") -> str:
         lie = self._enter("CompleteMultipartUpload", key)
         with self._lock:
             upload = self._uploads.get(upload_id)

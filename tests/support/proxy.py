@@ -212,6 +212,7 @@ class _Fault:
     when: Predicate | None = None
     release: threading.Event = field(default_factory=threading.Event)
     forward: bool = False  # no_etag: pass the request on (the store keeps it) or not (a lie)
+    etag: str = ""  # no_etag with forward: the ETag answered instead of the store's ("" for none)
 
 
 @dataclass
@@ -335,7 +336,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             if fault.kind == "no_etag":
-                self._answer_without_etag(rec, split, body, forward=fault.forward)
+                self._answer_without_etag(rec, split, body, forward=fault.forward, etag=fault.etag)
                 return
             self._reply_error(rec, _Rejection(fault.status, fault.code, fault.message), "fault")
             return
@@ -368,13 +369,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, resp_headers, resp_body)
 
     def _answer_without_etag(self, rec: RecordedRequest, split: urllib.parse.SplitResult, body: bytes, *,
-                             forward: bool) -> None:
-        """200 without an ETag: after passing the request on (``forward``), or instead of it (a lie)."""
+                             forward: bool, etag: str = "") -> None:
+        """200 without an ETag (or with ``etag`` instead of the store's): after passing the request on
+        (``forward``), or instead of it (a lie)."""
         status, headers, data = 200, [("Date", self.date_time_string())], b""
         if forward:
             status, headers, data = self._forward(split, body)
             headers = [(k, v) for k, v in headers if k.lower() != "etag"]
-            data = re.sub(rb"<ETag>[^<]*</ETag>", b"", data)
+            data = re.sub(rb"<ETag>[^<]*</ETag>", f"<ETag>&quot;{etag}&quot;</ETag>".encode() if etag else b"", data)
+            if etag and b"<ETag>" not in data:
+                headers.append(("ETag", f'"{etag}"'))
         self.server.proxy._record(rec, status, None, "fault")
         self._send(status, headers, data)
 
@@ -687,6 +691,12 @@ class R2Proxy:
         passed them on to the store (``forward``) or not (a store that claims to keep what it never got)."""
         with self._lock:
             self._faults.append(_Fault("no_etag", n, when=when, forward=forward))
+
+    def answer_with_etag(self, etag: str, n: int | None = None, *, when: Predicate | None = None) -> None:
+        """Pass the next ``n`` matching requests on, and answer with ``etag`` in place of the store's (a
+        store whose multipart ETag is the whole object's MD5, as some S3-compatible servers answer)."""
+        with self._lock:
+            self._faults.append(_Fault("no_etag", n, when=when, forward=True, etag=etag))
 
     def hang(self, when: Predicate | None = None) -> None:
         """Read requests and never answer; on :meth:`heal` their connections are closed unanswered."""
