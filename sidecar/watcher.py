@@ -1,16 +1,15 @@
-"""The filesystem watcher: turns watchdog events into candidate paths. Never imports boto3.
+"""The filesystem watcher: turns inotify events into candidate paths. Never imports boto3.
 
 What the watcher must know (FIELD-NOTES §1): new subfolders deliver *created* events but no close events,
-so created, closed and moved-to are all candidates (modified events feed the writer check); the handler
-must be O(1) because every handler runs on one thread; an inotify queue overflow is reported only as a
-log record, which is hooked here to request a rescan; and when inotify cannot be had (instance or watch
-limits) the watcher falls back to polling and says so.
+so created, closed and moved-to are all candidates (modified events feed the writer check), and a new
+folder is scanned; the handler must be O(1) because every handler runs on one thread; an inotify queue
+overflow requests a rescan; and when inotify cannot be had (instance or watch limits) the watcher falls
+back to watchdog's polling observer and says so. The inotify events are read by sidecar.inotify.
 """
 
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 import threading
@@ -32,6 +31,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from sidecar.inotify import LEAF_LINKS, InotifyTree
 from sidecar.localfile import relative
 
 log = structlog.get_logger("sidecar.watcher")
@@ -43,10 +43,8 @@ log = structlog.get_logger("sidecar.watcher")
 # events of files in a new folder).
 EVENT_FILTER = [FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent, DirMovedEvent,
                 DirCreatedEvent]
-WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 POLL_INTERVAL_S = 2.0
 RECHECK_S = 0.2  # a folder created during the start-up walk is watched once its own event is read
-LEAF_LINKS = 2  # a folder's own name and its "." entry: no subfolder links to it with ".."
 
 OnPath = Callable[[bytes, str], None]
 
@@ -129,30 +127,6 @@ _SOURCES: dict[type[FileSystemEvent], str] = {FileModifiedEvent: "modify", FileC
                                                FileCreatedEvent: "create", FileMovedEvent: "move"}
 
 
-class _OverflowHook(logging.Handler):
-    """Catches watchdog's 'Inotify queue overflowed' warning, the only sign that events were lost.
-
-    watchdog 7.1 logs one overflow twice in a row on its reader thread (``inotify_c``: events were lost, then
-    ``inotify``: reconciling watches); records from the same thread within ``SAME_OVERFLOW_S`` count once.
-    """
-
-    SAME_OVERFLOW_S = 0.1
-
-    def __init__(self, on_overflow: Callable[[], None]) -> None:
-        super().__init__(level=logging.WARNING)
-        self._on_overflow = on_overflow
-        self._last: tuple[int | None, float] = (None, -1.0)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" not in record.getMessage().lower():
-            return
-        thread, at = self._last
-        self._last = (record.thread, record.created)
-        if thread == record.thread and record.created - at < self.SAME_OVERFLOW_S:
-            return
-        self._on_overflow()
-
-
 class Watcher:
     """Watches one root recursively; inotify when possible, polling when not."""
 
@@ -169,10 +143,11 @@ class Watcher:
         self._on_dir = on_dir
         self._new_dirs: set[bytes] = set()  # folders created since the last coverage check
         self._dirs_lock = threading.Lock()
+        self._on_path = on_path
+        self._on_overflow = on_overflow
         self._handler = _Handler(root, on_path, self._dir_seen)
-        self._hook = _OverflowHook(on_overflow)
         self._force_polling = force_polling
-        self._observer: BaseObserver | None = None
+        self._observer: BaseObserver | InotifyTree | None = None
         self.mode = "none"
         self.degraded_reason = ""
         self._lock = threading.Lock()
@@ -180,33 +155,24 @@ class Watcher:
     def start(self) -> None:
         """Start watching (creating the root if missing); fall back to polling if inotify is unavailable."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for name in WATCHDOG_LOGGERS:
-            logger = logging.getLogger(name)
-            if self._hook not in logger.handlers:
-                logger.addHandler(self._hook)
-            if logger.getEffectiveLevel() > logging.WARNING:
-                logger.setLevel(logging.WARNING)
         with self._lock:
             self._observer = self._start_observer()
 
-    def _start_observer(self) -> BaseObserver:
+    def _start_observer(self) -> BaseObserver | InotifyTree:
         if not self._force_polling:
             try:
-                from watchdog.observers.inotify import InotifyObserver  # noqa: PLC0415 - Linux only
-
-                observer: BaseObserver = InotifyObserver()
-                observer.schedule(self._handler, str(self.root), recursive=True, event_filter=EVENT_FILTER)
-                observer.start()
+                tree = InotifyTree(os.fsencode(self.root), on_path=self._on_path, on_dir=self._dir_seen,
+                                   on_overflow=self._on_overflow)
+                tree.start()
                 gap = self._first_unwatched(folders_below(os.fsencode(self.root)), recheck=True)
                 if gap is None:
                     self.mode, self.degraded_reason = "inotify", ""
-                    return observer
-                observer.stop()
-                observer.join(timeout=5)
+                    return tree
+                tree.stop()
                 self.degrade_to_polling(gap)
                 log.warning("watcher_degraded", mode="polling", reason=self.degraded_reason, hint=LIMIT_HINT)
-            except (OSError, ImportError) as exc:
-                errno_ = exc.errno if isinstance(exc, OSError) else None
+            except OSError as exc:
+                errno_ = exc.errno
                 reason = os.strerror(errno_) if errno_ else str(exc)
                 # inotify says ENOSPC for its watch limit and EMFILE for its instance limit (inotify(7))
                 limit = {errno.ENOSPC: "inotify watch limit reached", errno.EMFILE: "inotify instance limit reached"}
@@ -221,7 +187,7 @@ class Watcher:
     # -- coverage: the watch limit skips subfolders silently (FIELD-NOTES §1) ------------------------------
 
     def _dir_seen(self, rel: bytes) -> None:
-        with self._dirs_lock:  # on watchdog's thread: O(1)
+        with self._dirs_lock:  # on the reader's thread: O(1)
             self._new_dirs.add(rel)
         self._on_dir(rel)
 
@@ -230,6 +196,10 @@ class Watcher:
         watchdog skipped it without a word); None if every one is watched, or the kernel cannot tell."""
         with self._dirs_lock:
             new, self._new_dirs = self._new_dirs, set()
+        with self._lock:
+            tree = self._observer if isinstance(self._observer, InotifyTree) else None
+        if tree is not None and tree.unwatched is not None:
+            return tree.unwatched  # the kernel said so when the watch was added
         if self.mode != "inotify" or not new:
             return None
         root = os.fsencode(self.root)
@@ -272,8 +242,8 @@ class Watcher:
         """Stop watching and wait for watchdog's threads."""
         with self._lock:
             observer, self._observer = self._observer, None
-        for name in WATCHDOG_LOGGERS:
-            logging.getLogger(name).removeHandler(self._hook)
-        if observer is not None:
+        if isinstance(observer, InotifyTree):
+            observer.stop()
+        elif observer is not None:
             observer.stop()
             observer.join(timeout=5)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import os
+import shutil
 import socket
 import threading
 from collections.abc import Iterator
@@ -22,7 +22,7 @@ from sidecar.metrics import Metrics
 from sidecar.mounts import mounts_under
 from sidecar.scanner import Scanner
 from sidecar.settle import Settler
-from sidecar.watcher import Watcher, folders_below
+from sidecar.watcher import Watcher, folders_below, watched_dirs
 
 
 class Clock:
@@ -227,6 +227,11 @@ class Events:
         self.overflows += 1
 
 
+def closed_all(events: Events, paths: set[bytes]) -> bool:
+    with events.lock:
+        return all("close" in events.paths.get(rel, ()) for rel in paths)
+
+
 @pytest.fixture
 def watched(tmp_path: Path) -> Iterator[tuple[Watcher, Events, Path]]:
     events = Events()
@@ -238,7 +243,9 @@ def watched(tmp_path: Path) -> Iterator[tuple[Watcher, Events, Path]]:
 
 
 def test_watcher_creates_root_and_reports_every_kind_of_write(watched: tuple[Watcher, Events, Path]) -> None:
-    """Close, rename and writes into a fresh subfolder all reach the handler (FIELD-NOTES §1)."""
+    """Close, rename and writes into a fresh subfolder all reach the handler (FIELD-NOTES §1): files written
+    into a new folder before its watch existed are reported as created, the folder itself too (for a scan),
+    and what is written once it is watched gets close events."""
     watcher, events, root = watched
     assert watcher.mode == "inotify" and root.is_dir()
     (root / "a.png").write_bytes(b"a")
@@ -246,20 +253,91 @@ def test_watcher_creates_root_and_reports_every_kind_of_write(watched: tuple[Wat
     os.rename(root / "b.png.tmp", root / "b.png")
     fresh = root / "2026-11-27"
     fresh.mkdir()
-    for n in range(5):
-        (fresh / f"ComfyUI_{n:05d}_.png").write_bytes(b"x" * 100)
-    wanted = {b"a.png", b"b.png", *(f"2026-11-27/ComfyUI_{n:05d}_.png".encode() for n in range(5))}
-    wait_until(lambda: wanted <= events.paths.keys(), timeout=10, message=f"events so far: {events.paths}")
-    assert "close" in events.paths[b"a.png"]
-    assert "move" in events.paths[b"b.png"]
-    assert b"2026-11-27" in events.dirs
+    os.mkfifo(fresh / "fifo.png")  # not a file to upload, but a candidate for the settler to turn down loudly
+    early = {f"2026-11-27/ComfyUI_{n:05d}_.png".encode() for n in range(5)}
+    for rel in early:
+        (root / os.fsdecode(rel)).write_bytes(b"x" * 100)
+    wait_until(lambda: b"2026-11-27" in events.dirs, timeout=10, message=lambda: f"folders so far: {events.dirs}")
+    late = {f"2026-11-27/late_{n}.png".encode() for n in range(3)}
+    for rel in late:
+        (root / os.fsdecode(rel)).write_bytes(b"y" * 100)
+    wait_until(lambda: closed_all(events, {b"a.png", *late}) and early | {b"b.png"} <= events.paths.keys(),
+               timeout=10, message=lambda: f"events so far: {events.paths}")
+    assert events.paths[b"a.png"] == {"create", "modify", "close"}
+    assert events.paths[b"b.png"] == {"move"}, "a rename inside the tree is a move, reported under the new name"
+    assert "create" in events.paths[b"2026-11-27/fifo.png"]
 
 
-def test_overflow_warning_triggers_the_callback(watched: tuple[Watcher, Events, Path]) -> None:
-    """watchdog's 'Inotify queue overflowed' log record, its only overflow signal, reaches on_overflow."""
-    _, events, _ = watched
-    logging.getLogger("watchdog.observers.inotify_c").warning("Inotify queue overflowed; filesystem events were lost")
-    assert events.overflows == 1
+def test_watcher_follows_renamed_and_moved_in_folders(watched: tuple[Watcher, Events, Path]) -> None:
+    """A folder renamed inside the tree, and one moved in from outside, are reported and watched under their
+    new names; a file moved in from outside is a create (no close will come); a nested tree made at once
+    is watched to its bottom."""
+    _, events, root = watched
+    outside = root.parent / "outside"
+    (outside / "inner").mkdir(parents=True)
+    (outside / "moved-in.png").write_bytes(b"m")
+    (root / "old").mkdir()
+    wait_until(lambda: b"old" in events.dirs, timeout=10, message=lambda: f"folders so far: {events.dirs}")
+    os.rename(root / "old", root / "new")
+    os.rename(outside / "inner", root / "came")
+    os.rename(outside / "moved-in.png", root / "moved-in.png")
+    (root / "deep" / "er" / "est").mkdir(parents=True)
+    wait_until(lambda: {b"new", b"came", b"deep"} <= set(events.dirs), timeout=10,
+               message=lambda: f"folders so far: {events.dirs}")
+    est = (root / "deep" / "er" / "est").stat()  # made after "deep" was watched, or before it was listed
+    wait_until(lambda: (est.st_dev, est.st_ino) in (watched_dirs() or set()), timeout=10,
+               message="the bottom of a tree made at once is not watched")
+    for rel in ("new/n.png", "came/c.png", "deep/er/est/d.png"):
+        (root / rel).write_bytes(b"x")
+    wanted = {b"new/n.png", b"came/c.png", b"deep/er/est/d.png"}
+    wait_until(lambda: closed_all(events, wanted), timeout=10, message=lambda: f"events so far: {events.paths}")
+    assert events.paths[b"moved-in.png"] == {"create"}
+    assert not [rel for rel in events.paths if rel.startswith(b"old/")], "nothing reported under the old name"
+
+
+def test_queue_overflow_rewatches_and_is_reported_once(tmp_path: Path) -> None:
+    """The kernel's event queue overflows while the handler is stuck: on_overflow is called once, after every
+    folder made meanwhile is watched (a real overflow: more events than fs.inotify.max_queued_events)."""
+    events, stuck, release = Events(), threading.Event(), threading.Event()
+
+    def on_path(rel: bytes, source: str) -> None:
+        if rel == b"first.png" and not stuck.is_set():
+            stuck.set()
+            release.wait(30)
+        events.on_path(rel, source)
+
+    watcher = Watcher(tmp_path, on_path=on_path, on_dir=events.on_dir, on_overflow=events.on_overflow)
+    watcher.start()
+    try:
+        (tmp_path / "first.png").write_bytes(b"1")
+        wait_until(stuck.is_set, timeout=10, message="the handler never ran")
+        (tmp_path / "made-meanwhile").mkdir()
+        limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+        with open(tmp_path / "a.bin", "wb", buffering=0) as a, open(tmp_path / "b.bin", "wb", buffering=0) as b:
+            for _ in range(limit // 2 + 100):  # alternating files: the kernel merges only identical neighbours
+                a.write(b"a")
+                b.write(b"b")
+        release.set()
+        wait_until(lambda: events.overflows >= 1, timeout=10, message="no overflow reported")
+        (tmp_path / "made-meanwhile" / "late.png").write_bytes(b"l")
+        wait_until(lambda: b"made-meanwhile/late.png" in events.paths, timeout=10,
+                   message="a folder made during the overflow is not watched")
+        assert events.overflows == 1
+        assert watcher.is_alive()
+    finally:
+        release.set()
+        watcher.stop()
+
+
+def test_watcher_ends_when_its_root_goes_and_a_restart_recreates_it(watched: tuple[Watcher, Events, Path]) -> None:
+    """Deleting the watched root ends the reader (is_alive turns False, so health rebuilds it); a restart
+    makes the root again and events flow."""
+    watcher, events, root = watched
+    shutil.rmtree(root)
+    wait_until(lambda: not watcher.is_alive(), timeout=10, message="the watcher still looks alive")
+    watcher.restart()
+    (root / "again.png").write_bytes(b"a")
+    wait_until(lambda: b"again.png" in events.paths, timeout=10, message="no events after the restart")
 
 
 def test_polling_fallback_still_sees_files(tmp_path: Path) -> None:
