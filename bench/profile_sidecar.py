@@ -4,6 +4,7 @@
     python bench/profile_sidecar.py burst  [--files 3000] [--workers 8]
     python bench/profile_sidecar.py steady [--seconds 20]
     python bench/profile_sidecar.py large  [--mib 512]
+    python bench/profile_sidecar.py pil                  # 60 PNGs of 2.6 MB written as PIL does, 4 a second
 
 Starts localbucket and the daemon exactly as bench/run.py does, attaches ``py-spy record`` (installed by
 ``bash bench/setup.sh --profilers``), runs the workload, then prints the functions with the most samples
@@ -31,6 +32,7 @@ import proctree  # noqa: E402
 import wl_burst  # noqa: E402
 import wl_large  # noqa: E402
 import wl_steady  # noqa: E402
+import wl_writers  # noqa: E402
 from harness import fresh_dir  # noqa: E402
 from lbserver import LocalBucket  # noqa: E402
 
@@ -86,7 +88,7 @@ def summarize(collapsed: Path, top: int = 25) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workload", choices=["burst", "steady", "large"])
+    p.add_argument("workload", choices=["burst", "steady", "large", "pil"])
     p.add_argument("--files", type=int, default=3000)
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--mib", type=int, default=512)
@@ -125,6 +127,9 @@ def main() -> int:
             files = wl_steady.plan(0, args.seconds)
             pool = os.urandom(wl_steady.MAX_SIZE + len(files) * 13)
             wl_steady.stream(watch, files, pool, expected, closed)
+        elif args.workload == "pil":
+            wl_writers.write_shape("pil", watch, os.urandom(wl_writers.PNG_SIZE + wl_writers.PER_SHAPE * 31),
+                                   expected, closed)
         else:
             wl_large.write_big(watch, args.mib * 2**20, os.urandom(wl_large.BLOCK), expected, closed)
         proctree.wait_until(lambda: server.arrived(bucket, expected)[0] == len(expected), 300, 0.1)
