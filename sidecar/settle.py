@@ -36,6 +36,11 @@ RETRY_HANDOVER_S = 1.0
 WRITER_DONE = frozenset({"close", "move"})
 CHANGES = frozenset({"modify", "create"})
 EMPTY_QUIET_FACTOR = 4  # an empty file with no writer evidence waits longer: a writer may not have begun
+# The kernel sends IN_CLOSE_WRITE from __fput *before* it drops the file's write count (put_write_access comes
+# last), so a lease asked for the moment the close event is read can still be refused for the writer that
+# just closed. Look again soon rather than after the settle backoff.
+CLOSE_RACE_S = 0.01
+CLOSE_RACE_TRIES = 3
 CLOSE_TIMEOUT_S = 60.0  # events mode: a modified file with no close for this long (truncate(2), mmap) goes on
 
 
@@ -144,6 +149,10 @@ class Settler:
             verdict = self._check(relpath, entry, now)
             with self._lock:
                 if verdict is None:
+                    if entry.offers != offers and entry.closed:
+                        # The writer closed while this check ran (the reader thread is that quick): the
+                        # close's "look now" was overwritten by the check's own next due time.
+                        entry.due = min(entry.due, now)
                     heapq.heappush(self._heap, (entry.due, relpath))
                 elif isinstance(verdict, Candidate):
                     ready.append((verdict, offers))
@@ -205,7 +214,9 @@ class Settler:
             return Candidate(path=relpath, size=st.st_size, mtime_ns=st.st_mtime_ns, source=entry.source,
                              ino=st.st_ino, ctime_ns=st.st_ctime_ns)
         entry.rechecks += 1
-        if writer:
+        if writer and at_close and entry.rechecks <= CLOSE_RACE_TRIES:
+            backoff = CLOSE_RACE_S
+        elif writer:
             backoff = self._settle_s * (2 ** min(entry.rechecks - 1, 5))
         elif writer is None and stable and entry.writing and self.mode == "events":
             backoff = MAX_RECHECK_S  # waiting for the close event, which brings the next check forward (offer)

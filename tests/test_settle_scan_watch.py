@@ -21,7 +21,7 @@ from sidecar.journal import Candidate, Journal
 from sidecar.metrics import Metrics
 from sidecar.mounts import mounts_under
 from sidecar.scanner import Scanner
-from sidecar.settle import Settler
+from sidecar.settle import CLOSE_RACE_S, Settler
 from sidecar.watcher import Watcher, folders_below, watched_dirs
 
 
@@ -107,6 +107,49 @@ def test_a_close_event_with_a_writer_left_waits(setup: tuple[Settler, Clock, Col
     settler.offer(b"a.png", "close")
     settler.run_once()
     assert [c.size for c in got.ready] == [4]
+
+
+def test_a_writer_still_counted_at_its_close_event_is_looked_at_again_soon(
+    setup: tuple[Settler, Clock, Collected, Path],
+) -> None:
+    """The kernel reports a close just before it drops the writer's count: a lease refused right at the close
+    event is asked again within 10 ms, not after the settle backoff (0.5 s here)."""
+    settler, clock, got, root = setup
+    with (root / "a.png").open("wb") as writer:
+        writer.write(b"data")
+        writer.flush()
+        settler.offer(b"a.png", "close")
+        settler.run_once()
+        assert got.ready == [] and settler.next_due_in() == pytest.approx(CLOSE_RACE_S)
+    clock.now += CLOSE_RACE_S
+    settler.run_once()
+    assert [(c.path, c.size, c.source) for c in got.ready] == [(b"a.png", 4, "close")]
+
+
+def test_a_close_arriving_while_the_file_is_being_checked_is_not_lost(
+    setup: tuple[Settler, Clock, Collected, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safetensors renames and then closes: the rename's first look and the close event race. A close that
+    lands while the check runs makes the file due at once, not after the settle period (0.5 s here)."""
+    settler, _clock, got, root = setup
+    (root / "a.latent").write_bytes(b"tensor")
+    real_lstat = os.lstat
+
+    def lstat_racing_the_close(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        result = real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+        if got.ready == [] and not raced:
+            raced.append(True)
+            settler.offer(b"a.latent", "modify")  # on the reader thread, in the daemon
+            settler.offer(b"a.latent", "close")
+        return result
+
+    raced: list[bool] = []
+    monkeypatch.setattr(os, "lstat", lstat_racing_the_close)
+    settler.offer(b"a.latent", "move")
+    assert settler.run_once() == 0 and raced
+    assert settler.next_due_in() == 0
+    assert settler.run_once() == 1
+    assert [(c.path, c.source) for c in got.ready] == [(b"a.latent", "close")]
 
 
 def test_a_close_event_in_events_mode_confirms_at_once(tmp_path: Path) -> None:
